@@ -1,0 +1,342 @@
+"""Per-expert sufficient statistics, the phase-coherence estimators, and CoherenceState.
+
+Data flow: MoETrace -> `compute_expert_stats` (one vectorised pass) -> `coherence_from_stats` (phi per
+expert, NaN where unmeasured) -> `CoherenceState.observe` (three debiased clocks, shares, role vectors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .clocks import ThreeClockEMA, ema_debiased, ema_update
+from .config import ESTIMATORS, ChronoConfig
+from .trace import MoETrace
+
+# A reference or mean vector whose norm is below this fraction of the vectors it came from is "near zero":
+# the cosine is then undefined and the expert is unmeasured for the step.
+_REL_ZERO = 1e-5
+_ABS_ZERO = 1e-30
+
+
+@dataclass
+class ExpertStats:
+    """Per-expert sufficient statistics of one forward (all fp32, on the trace's device).
+
+    counts `n [E]` tokens routed to each expert (after capacity drops, padding excluded);
+    sum_out `S [E,H]` = sum of unweighted outputs; sum_weighted `G [E,H]` = sum of gate-weighted outputs;
+    sum_mixture `M [H]` = sum of the layer's MoE output over tokens (= sum_e G_e);
+    num_tokens `N []` real tokens; nonfinite `[E]` bool, experts skipped for non-finite values.
+    """
+
+    counts: Tensor
+    sum_out: Tensor
+    sum_weighted: Tensor
+    sum_mixture: Tensor
+    num_tokens: Tensor
+    nonfinite: Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def measured(self) -> Tensor:
+        """[E] bool: experts that saw at least one token with finite output this step."""
+        return (self.counts > 0) & ~self.nonfinite
+
+
+def compute_expert_stats(trace: MoETrace) -> ExpertStats:
+    """All per-expert statistics of a trace in one vectorised pass, accumulated in fp32.
+
+    The reduction is a one-hot matmul on accelerators (PERF.md: the fastest there) and `index_add_` on
+    the CPU (where it is faster than a one-hot product). Non-finite outputs or gate weights mark their
+    expert as skipped (`nonfinite`) and never reach the sums of the others on CPU; on an accelerator the
+    one-hot product spreads a non-finite row (0 * inf = nan) to every expert of that layer and step, which
+    are then all skipped. Either way no NaN/Inf leaves this function.
+    """
+    t, k, h = trace.expert_out.shape
+    e = trace.num_experts
+    idx = trace.topk_index.reshape(t * k).to(torch.long)
+    w = trace.topk_weight.reshape(t * k)
+    y = trace.expert_out.reshape(t * k, h)
+    keep = trace.kept_slots().reshape(t * k)
+    device = y.device
+    if device.type == "cpu":
+        # Dropped / padded slots go to a scratch row E, so no multiply-by-mask pass is needed.
+        target = torch.where(keep, idx, torch.full_like(idx, e))
+        yf = y.float()
+        counts = torch.zeros(e + 1, device=device).index_add_(0, target, keep.float())[:e]
+        sums = torch.zeros(2, e + 1, h, device=device)
+        sums[0].index_add_(0, target, yf)
+        sums[1].index_add_(0, target, yf * w.float().unsqueeze(1))
+        sum_out, sum_weighted = sums[0, :e], sums[1, :e]
+    else:
+        onehot = (idx.unsqueeze(0) == torch.arange(e, device=device).unsqueeze(1)) & keep.unsqueeze(0)
+        a = onehot.to(y.dtype)
+        both = torch.cat([a, a * w.to(y.dtype).unsqueeze(0)], 0)  # [2E, T*K]
+        prod = _matmul_fp32(both, y)
+        sum_out, sum_weighted = prod[:e], prod[e:]
+        counts = onehot.sum(1, dtype=torch.float32)
+    finite = torch.isfinite(sum_out).all(1) & torch.isfinite(sum_weighted).all(1)
+    zero = torch.zeros((), device=device)
+    sum_out = torch.where(finite.unsqueeze(1), sum_out, zero)
+    sum_weighted = torch.where(finite.unsqueeze(1), sum_weighted, zero)
+    counts = torch.where(finite, counts, zero)
+    real = trace.token_mask.float().sum() if trace.token_mask is not None else torch.tensor(float(t), device=device)
+    return ExpertStats(
+        counts=counts,
+        sum_out=sum_out,
+        sum_weighted=sum_weighted,
+        sum_mixture=sum_weighted.sum(0),
+        num_tokens=real,
+        nonfinite=~finite,
+    )
+
+
+def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
+    if a.dtype == torch.float32:
+        return a @ b
+    try:  # fp32 output straight from the low-precision product where the backend supports it
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return (a @ b).float()
+
+
+def _cosine(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    dot = (u * v).sum(-1)
+    nu = u.norm(dim=-1)
+    nv = v.norm(dim=-1)
+    return dot / (nu * nv).clamp_min(_ABS_ZERO), nu, nv
+
+
+def coherence_from_stats(stats: ExpertStats, estimator: str = "loo") -> Tensor:
+    """phi [E] from sufficient statistics; NaN for experts unmeasured this step.
+
+    loo:  phi_e = cos(S_e / n_e, (M - G_e) / N)   (mixture with e's own contribution removed)
+    full: phi_e = cos(S_e / n_e, M / N)
+    An expert is unmeasured when n_e == 0, when its statistics were non-finite, or when its mean output or
+    its reference vector is (near) zero, e.g. when it is the only contributor under `loo`.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is invalid: expected one of {list(ESTIMATORS)}")
+    n = stats.counts
+    ybar = stats.sum_out / n.clamp_min(1.0).unsqueeze(1)
+    big_n = stats.num_tokens.clamp_min(1.0)
+    m = stats.sum_mixture.unsqueeze(0)
+    if estimator == "loo":
+        ref = (m - stats.sum_weighted) / big_n
+        scale = (m.norm(dim=-1) + stats.sum_weighted.norm(dim=-1)) / big_n
+    else:
+        ref = m.expand_as(stats.sum_weighted) / big_n
+        scale = ref.norm(dim=-1)
+    cos, ny, nref = _cosine(ybar, ref)
+    ybar_scale = (stats.sum_out.abs().sum(-1) / n.clamp_min(1.0)).clamp_min(_ABS_ZERO)
+    ok = stats.measured & (nref > _REL_ZERO * scale + _ABS_ZERO) & (ny > _REL_ZERO * ybar_scale)
+    return torch.where(ok, cos.clamp(-1.0, 1.0), torch.full_like(cos, float("nan")))
+
+
+def compute_coherence(trace_or_stats: MoETrace | ExpertStats, estimator: str = "loo") -> Tensor:
+    """Per-expert phase coherence phi `[E]` of one forward; NaN for unmeasured experts."""
+    if isinstance(trace_or_stats, MoETrace):
+        stats = compute_expert_stats(trace_or_stats.validate(check_values=False))
+    elif isinstance(trace_or_stats, ExpertStats):
+        stats = trace_or_stats
+    else:
+        raise ValueError(
+            f"compute_coherence got {type(trace_or_stats).__name__}; expected an MoETrace or ExpertStats"
+        )
+    return coherence_from_stats(stats, estimator)
+
+
+def layer_coherence(phi: Tensor, weights: Tensor) -> Tensor:
+    """Psi = sum_e w_e phi_e over measured experts (finite phi), with `weights` renormalised over them.
+
+    NaN when no expert is measured.
+    """
+    ok = torch.isfinite(phi) & (weights > 0)
+    wts = torch.where(ok, weights, torch.zeros_like(weights))
+    total = wts.sum()
+    psi = (wts * torch.where(ok, phi, torch.zeros_like(phi))).sum() / total.clamp_min(_ABS_ZERO)
+    return torch.where(total > 0, psi, torch.full_like(psi, float("nan")))
+
+
+def _nanmedian_masked(x: Tensor, mask: Tensor) -> Tensor:
+    """Median of x over mask (lower median, like torch.nanmedian); NaN when mask is empty."""
+    return torch.where(mask, x, torch.full_like(x, float("nan"))).nanmedian()
+
+
+class CoherenceState(nn.Module):
+    """One layer's coherence record: fp32 device buffers, updated from traces with no host sync.
+
+    Per expert slot: phi at three clocks (debiased), token shares at three clocks, a role vector (EMA of
+    the unit mean output), observation counts, last-seen step and non-finite skip counts. Experts
+    unmeasured on a step are left untouched.
+    """
+
+    step: Tensor
+    last_seen: Tensor
+    nonfinite_skips: Tensor
+    phi_last: Tensor
+    role_value: Tensor
+    role_decay: Tensor
+    alpha_role: Tensor
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        config: ChronoConfig | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config if config is not None else ChronoConfig()
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size={hidden_size!r} is invalid: expected an integer >= 1")
+        self.phi = ThreeClockEMA(num_experts, self.config.clock_alphas, device=device)
+        self.share = ThreeClockEMA(num_experts, self.config.clock_alphas, device=device)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("last_seen", torch.full((num_experts,), -1, dtype=torch.int64, device=device))
+        self.register_buffer("nonfinite_skips", torch.zeros(num_experts, dtype=torch.int64, device=device))
+        self.register_buffer("phi_last", torch.full((num_experts,), float("nan"), device=device))
+        self.register_buffer("role_value", torch.zeros(1, num_experts, hidden_size, device=device))
+        self.register_buffer("role_decay", torch.ones(1, num_experts, device=device))
+        self.register_buffer("alpha_role", torch.tensor([self.config.alpha_role], device=device))
+        floors = [self.config.alpha_floor_fast, self.config.alpha_floor_mid, self.config.alpha_slow]
+        self.register_buffer("_alpha_floor", torch.tensor(floors, device=device), persistent=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.phi.num_entries
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.role_value.shape[-1])
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def observe(
+        self,
+        stats: ExpertStats,
+        active_mask: Tensor | None = None,
+        relevance: Tensor | None = None,
+    ) -> Tensor:
+        """Fold one step's statistics into the clocks; returns this step's phi `[E]` (NaN = unmeasured).
+
+        `active_mask [E]` restricts updates to active slots. `relevance` (device scalar in [0, 1], from the
+        bridge detector) lowers the fast and mid retentions towards their floors:
+        `alpha_eff = alpha * r + alpha_floor * (1 - r)`; the slow clock is fixed.
+        """
+        if stats.num_experts != self.num_experts or stats.sum_out.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"stats have {stats.num_experts} experts x {stats.sum_out.shape[-1]} hidden; this state expects "
+                f"{self.num_experts} x {self.hidden_size}"
+            )
+        phi = coherence_from_stats(stats, self.config.coherence_estimator)
+        measured = torch.isfinite(phi)
+        active = torch.ones_like(measured) if active_mask is None else active_mask.to(measured.device)
+        measured = measured & active
+        alphas = None
+        if relevance is not None:
+            r = relevance.to(self.phi.alphas.dtype).clamp(0.0, 1.0)
+            alphas = self.phi.alphas * r + self._alpha_floor * (1.0 - r)
+            alphas = torch.cat([alphas[:2], self.phi.alphas[2:]])
+        self.phi.update(phi, measured, alphas)
+        # Shares: every active expert gets a reading (0 when it saw no token) on steps that routed tokens.
+        total = stats.counts.sum()
+        share = stats.counts / total.clamp_min(1.0)
+        self.share.update(share, active & (total > 0))
+        unit = stats.sum_out / stats.sum_out.norm(dim=-1, keepdim=True).clamp_min(_ABS_ZERO)
+        role, decay = ema_update(self.role_value, self.role_decay, unit, measured, self.alpha_role)
+        self.role_value.copy_(role)
+        self.role_decay.copy_(decay)
+        self.last_seen.copy_(torch.where(measured, self.step, self.last_seen))
+        self.nonfinite_skips.add_((stats.nonfinite & active).to(torch.int64))
+        self.phi_last.copy_(torch.where(active, phi, torch.full_like(phi, float("nan"))))
+        self.step.add_(1)
+        return phi
+
+    @torch.no_grad()
+    def reset_experts(self, experts: Tensor) -> None:
+        """Forget the history of slots (bool `[E]`), e.g. a slot reused by spawn."""
+        self.phi.reset_entries(experts)
+        self.share.reset_entries(experts)
+        self.role_value.masked_fill_(experts.view(1, -1, 1), 0.0)
+        self.role_decay.masked_fill_(experts.view(1, -1), 1.0)
+        self.last_seen.masked_fill_(experts, -1)
+        self.nonfinite_skips.masked_fill_(experts, 0)
+        self.phi_last.masked_fill_(experts, float("nan"))
+
+    @torch.no_grad()
+    def copy_expert(self, src: int, dst: int) -> None:
+        """Give slot `dst` the record of slot `src` (split children inherit their parent's history)."""
+        self.phi.copy_entry(src, dst)
+        self.share.copy_entry(src, dst)
+        self.role_value[:, dst] = self.role_value[:, src]
+        self.role_decay[:, dst] = self.role_decay[:, src]
+        self.last_seen[dst] = self.last_seen[src]
+        self.phi_last[dst] = self.phi_last[src]
+
+    # ------------------------------------------------------------------ readings
+    @property
+    def phi_clocks(self) -> Tensor:
+        """[3, E] debiased phi (fast, mid, slow); NaN where never measured."""
+        return self.phi.read()
+
+    @property
+    def phi_fast(self) -> Tensor:
+        return self.phi_clocks[0]
+
+    @property
+    def phi_mid(self) -> Tensor:
+        return self.phi_clocks[1]
+
+    @property
+    def phi_slow(self) -> Tensor:
+        return self.phi_clocks[2]
+
+    @property
+    def share_clocks(self) -> Tensor:
+        """[3, E] debiased token shares (fast, mid, slow)."""
+        return self.share.read()
+
+    @property
+    def observations(self) -> Tensor:
+        """[E] int64: steps on which each expert was measured."""
+        return self.phi.count
+
+    @property
+    def role_vectors(self) -> Tensor:
+        """[E, H] debiased role vectors (EMA of unit mean outputs); NaN rows where never measured."""
+        return ema_debiased(self.role_value, self.role_decay)[0]
+
+    @property
+    def phi_delta(self) -> Tensor:
+        """[E] phi_fast - phi_slow."""
+        clocks = self.phi_clocks
+        return clocks[0] - clocks[2]
+
+    def degrading(self, active_mask: Tensor | None = None) -> Tensor:
+        """[E] bool: experts whose fast coherence has fallen below their slow coherence.
+
+        With `degrade_reference="layer_median"` (default) each expert's delta is judged against the median
+        delta of the layer's active measured experts, so a layer drifting as a whole flags nobody; with
+        "absolute" against zero. Experts with fewer than `min_observations_to_flag` observations are never
+        flagged.
+        """
+        delta = self.phi_delta
+        eligible = torch.isfinite(delta) & (self.observations >= self.config.min_observations_to_flag)
+        if active_mask is not None:
+            eligible = eligible & active_mask.to(eligible.device)
+        if self.config.degrade_reference == "layer_median":
+            median = _nanmedian_masked(delta, eligible)
+            relative = delta - torch.where(torch.isfinite(median), median, torch.zeros_like(median))
+        else:
+            relative = delta
+        return eligible & (relative < -self.config.delta_threshold)
+
+    def layer_psi(self, clock: int = 2) -> Tensor:
+        """Layer coherence Psi on a clock (0 fast, 1 mid, 2 slow): share-weighted phi of measured experts."""
+        return layer_coherence(self.phi_clocks[clock], torch.nan_to_num(self.share_clocks[clock], nan=0.0))

@@ -1,0 +1,200 @@
+"""ChronoMoELayer: the reference fixed-width MoE layer (SwiGLU experts on stacked parameters)."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .config import BIAS_MODES
+from .routing import Routing, route_topk
+from .trace import MoETrace
+
+Observer = Callable[[MoETrace], Any]
+
+
+def _grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """Rows of `x` grouped by expert (group e ends at offsets[e]) times `weight[e]`."""
+    return torch._grouped_mm(x, weight, offs=offsets)
+
+
+class ChronoMoELayer(nn.Module):
+    """A top-k MoE layer with `max_experts` fixed slots and an active mask.
+
+    Parameters (stacked, one slice per slot, so structural edits never reallocate):
+    `w_gate [E,H,I]`, `w_up [E,H,I]`, `w_down [E,I,H]`, and `router` (`nn.Linear(H, E)`).
+    Inactive slots get router logit -inf and exactly zero tokens. With `capacity_factor` each expert
+    takes at most `ceil(capacity_factor * T * K / n_active)` slots per forward, in priority order (all first
+    choices before any second choice); dropped slots contribute nothing (the residual carries the token).
+    Observers added with `add_observer` receive an `MoETrace` of every training forward (and of eval
+    forwards when `observe_eval` is set), built from tensors the forward computes anyway.
+    """
+
+    active_mask: Tensor
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        max_experts: int,
+        top_k: int,
+        *,
+        num_active: int | None = None,
+        capacity_factor: float | None = None,
+        router_bias: bool = False,
+        normalize_topk: bool = True,
+        bias_mode: str = "logits",
+        layer_id: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (("d_model", d_model, 1), ("d_ff", d_ff, 1), ("max_experts", max_experts, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= max_experts:
+            raise ValueError(f"top_k={top_k!r} is invalid: expected an integer in [1, max_experts={max_experts}]")
+        n_active = max_experts if num_active is None else num_active
+        if isinstance(n_active, bool) or not isinstance(n_active, int) or not top_k <= n_active <= max_experts:
+            raise ValueError(
+                f"num_active={num_active!r} is invalid: expected an integer in [top_k={top_k}, "
+                f"max_experts={max_experts}]"
+            )
+        if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: expected None or a number > 0")
+        if bias_mode not in BIAS_MODES:
+            raise ValueError(f"bias_mode={bias_mode!r} is invalid: expected one of {list(BIAS_MODES)}")
+        self.d_model = d_model
+        self.d_ff = d_ff
+        self.max_experts = max_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.normalize_topk = normalize_topk
+        self.bias_mode = bias_mode
+        self.layer_id = layer_id
+        self.observe_eval = False
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.router = nn.Linear(d_model, max_experts, bias=router_bias, **factory)
+        self.w_gate = nn.Parameter(torch.empty(max_experts, d_model, d_ff, **factory))
+        self.w_up = nn.Parameter(torch.empty(max_experts, d_model, d_ff, **factory))
+        self.w_down = nn.Parameter(torch.empty(max_experts, d_ff, d_model, **factory))
+        active = torch.zeros(max_experts, dtype=torch.bool, device=device)
+        active[:n_active] = True
+        self.register_buffer("active_mask", active)
+        self.lens: nn.Module | None = None
+        self._observers: OrderedDict[int, Observer] = OrderedDict()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound_in = 1.0 / math.sqrt(self.d_model)
+        bound_ff = 1.0 / math.sqrt(self.d_ff)
+        with torch.no_grad():
+            self.w_gate.uniform_(-bound_in, bound_in)
+            self.w_up.uniform_(-bound_in, bound_in)
+            self.w_down.uniform_(-bound_ff, bound_ff)
+            self.router.reset_parameters()
+
+    # ------------------------------------------------------------------ observers
+    def add_observer(self, fn: Observer) -> RemovableHandle:
+        """Call `fn(trace)` after each observed forward; returns a handle whose `remove()` detaches it."""
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = fn
+        return handle
+
+    @property
+    def num_active(self) -> int:
+        """Active slot count (reads the mask: a host sync; not for the per-step path)."""
+        return int(self.active_mask.sum())
+
+    # ------------------------------------------------------------------ forward
+    def expert_forward(self, x: Tensor, offsets: Tensor) -> Tensor:
+        """SwiGLU of rows grouped by expert slot (`offsets` are the int32 cumulative group ends)."""
+        gate = _grouped_matmul(x, self.w_gate, offsets)
+        up = _grouped_matmul(x, self.w_up, offsets)
+        return _grouped_matmul(F.silu(gate) * up, self.w_down, offsets)
+
+    def route(self, hidden: Tensor, router_bias: Tensor | None = None) -> Routing:
+        router_in = self.lens(hidden) if self.lens is not None else hidden
+        logits = self.router(router_in)
+        return route_topk(
+            logits, self.top_k, self.active_mask, bias=router_bias, mode=self.bias_mode,
+            normalize=self.normalize_topk,
+        )
+
+    def _capacity_keep(self, topk_index: Tensor) -> Tensor:
+        """[T,K] bool: slots within their expert's capacity (priority: slot 0 of every token first)."""
+        t, k = topk_index.shape
+        e = self.max_experts
+        assert self.capacity_factor is not None
+        n_active = self.active_mask.sum().clamp_min(1)
+        capacity = torch.ceil(self.capacity_factor * t * k / n_active.float())
+        flat = topk_index.t().reshape(-1)  # priority order: k-major
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(e, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        starts = torch.cumsum(counts, 0) - counts
+        rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        position = torch.empty_like(flat).scatter_(0, order, rank_sorted)
+        return (position.float() < capacity).view(k, t).t()
+
+    def forward(
+        self,
+        x: Tensor,
+        token_mask: Tensor | None = None,
+        router_bias: Tensor | None = None,
+    ) -> Tensor:
+        """`x [..., H]` -> same shape. `token_mask [...]` (True = real token) excludes padding from the
+        statistics (padding is still routed, as in most MoE models). `router_bias [E]` is added to the
+        router logits in fp32 (`bias_mode` decides whether it moves gate weights too)."""
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"input has last dimension {x.shape[-1]}; expected d_model={self.d_model}")
+        lead = x.shape[:-1]
+        hidden = x.reshape(-1, self.d_model)
+        t = hidden.shape[0]
+        if t == 0:
+            raise ValueError("empty batch: the input holds no tokens")
+        mask = None
+        if token_mask is not None:
+            if tuple(token_mask.shape) != tuple(lead):
+                raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}; expected {tuple(lead)}")
+            mask = token_mask.reshape(t).to(torch.bool)
+        routing = self.route(hidden, router_bias)
+        index, weight = routing.topk_index, routing.topk_weight
+        keep = self.active_mask[index]  # guards the case of fewer active experts than top_k
+        if self.capacity_factor is not None:
+            keep = keep & self._capacity_keep(index)
+        k, e = self.top_k, self.max_experts
+        flat = torch.where(keep, index, torch.full_like(index, e)).reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.zeros(e + 1, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat)
+        )
+        offsets = torch.cumsum(counts[:e], 0).to(torch.int32)
+        rows = hidden.index_select(0, order // k)
+        out_sorted = self.expert_forward(rows, offsets)
+        expert_out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted).view(t, k, self.d_model)
+        expert_out = torch.where(keep.unsqueeze(-1), expert_out, torch.zeros((), dtype=expert_out.dtype,
+                                                                                  device=expert_out.device))
+        gate = torch.where(keep, weight, torch.zeros_like(weight)).to(expert_out.dtype)
+        mixture = (expert_out * gate.unsqueeze(-1)).sum(1)
+        if self._observers and (self.training or self.observe_eval):
+            trace = MoETrace(
+                topk_index=index,
+                topk_weight=weight,
+                expert_out=expert_out.detach(),
+                num_experts=e,
+                slot_mask=keep,
+                token_mask=mask,
+                mixture=mixture.detach(),
+                router_logits_clean=routing.logits_clean.detach(),
+                router_logits_biased=routing.logits_biased.detach(),
+                layer_id=self.layer_id,
+            )
+            for fn in self._observers.values():
+                fn(trace)
+        return mixture.view(*lead, self.d_model)

@@ -1,0 +1,261 @@
+"""MoETrace: what one MoE layer's forward yields, in one tensor-first form, and its constructors.
+
+A trace holds, for T tokens routed top-K over E expert slots of width H:
+`topk_index [T,K]`, `topk_weight [T,K]`, `expert_out [T,K,H]` (each slot's output *before* gate
+weighting), `slot_mask [T,K]` (False where capacity dropped the slot), `token_mask [T]` (False for
+padding), and optionally the layer's `mixture [T,H]` and router logits. Three constructors turn the
+common MoE implementations into it: a Mixtral-style per-expert loop, a Switch-style `[E,C,H]` capacity
+dispatch, and a fused per-slot output (transformers 5.x experts, and ChronoMoELayer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+@dataclass
+class MoETrace:
+    """One layer's routing and unweighted expert outputs for one forward pass."""
+
+    topk_index: Tensor
+    topk_weight: Tensor
+    expert_out: Tensor
+    num_experts: int
+    slot_mask: Tensor | None = None
+    token_mask: Tensor | None = None
+    mixture: Tensor | None = None
+    router_logits_clean: Tensor | None = None
+    router_logits_biased: Tensor | None = None
+    layer_id: int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.topk_index.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.topk_index.shape[1])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.expert_out.shape[-1])
+
+    def kept_slots(self) -> Tensor:
+        """[T,K] bool: slots whose output was computed and whose token is not padding."""
+        keep = torch.ones_like(self.topk_index, dtype=torch.bool) if self.slot_mask is None else self.slot_mask
+        if self.token_mask is not None:
+            keep = keep & self.token_mask.unsqueeze(1)
+        return keep
+
+    def validate(self, check_values: bool = True) -> MoETrace:
+        """Check shapes and dtypes (free); with `check_values`, also index ranges and empty / all-padding
+        batches, which reads device values (a host sync: done by the public constructors, not in the
+        per-step observe path, where an all-padding batch simply measures nothing)."""
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts={self.num_experts!r} is invalid: expected an integer >= 1")
+        idx, w, y = self.topk_index, self.topk_weight, self.expert_out
+        if idx.dim() != 2:
+            raise ValueError(f"topk_index has shape {_shape(idx)}; expected [T, K]")
+        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"topk_index has dtype {idx.dtype}; expected an integer dtype")
+        t, k = idx.shape
+        if t == 0:
+            raise ValueError("empty batch: the trace has T=0 tokens; expected at least one token")
+        if k == 0:
+            raise ValueError("topk_index has K=0 slots per token; expected K >= 1")
+        if _shape(w) != (t, k):
+            raise ValueError(f"topk_weight has shape {_shape(w)}; expected {(t, k)} to match topk_index")
+        if not w.is_floating_point():
+            raise ValueError(f"topk_weight has dtype {w.dtype}; expected a floating dtype")
+        if y.dim() != 3 or _shape(y)[:2] != (t, k):
+            raise ValueError(f"expert_out has shape {_shape(y)}; expected [T, K, H] = [{t}, {k}, H]")
+        if not y.is_floating_point():
+            raise ValueError(f"expert_out has dtype {y.dtype}; expected a floating dtype")
+        h = y.shape[2]
+        for name, dev in (("topk_weight", w.device), ("expert_out", y.device)):
+            if dev != idx.device:
+                raise ValueError(f"{name} is on {dev}; expected the device of topk_index ({idx.device})")
+        if self.slot_mask is not None and (_shape(self.slot_mask) != (t, k) or self.slot_mask.dtype != torch.bool):
+            raise ValueError(
+                f"slot_mask has shape {_shape(self.slot_mask)} and dtype {self.slot_mask.dtype}; "
+                f"expected {(t, k)} bool"
+            )
+        if self.token_mask is not None and (
+            _shape(self.token_mask) != (t,) or self.token_mask.dtype != torch.bool
+        ):
+            raise ValueError(
+                f"token_mask has shape {_shape(self.token_mask)} and dtype {self.token_mask.dtype}; "
+                f"expected ({t},) bool (True = real token, False = padding)"
+            )
+        if self.mixture is not None and _shape(self.mixture) != (t, h):
+            raise ValueError(f"mixture has shape {_shape(self.mixture)}; expected {(t, h)}")
+        for name in ("router_logits_clean", "router_logits_biased"):
+            z = getattr(self, name)
+            if z is not None and _shape(z) != (t, self.num_experts):
+                raise ValueError(f"{name} has shape {_shape(z)}; expected {(t, self.num_experts)}")
+        if check_values:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.num_experts:
+                raise ValueError(
+                    f"topk_index holds expert ids in [{lo}, {hi}]; expected ids in [0, {self.num_experts - 1}]"
+                )
+            if self.token_mask is not None and not bool(self.token_mask.any()):
+                raise ValueError(f"all-padding batch: token_mask marks none of the {t} tokens as real")
+        return self
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_fused(
+        cls,
+        topk_index: Tensor,
+        topk_weight: Tensor,
+        expert_out: Tensor,
+        num_experts: int,
+        *,
+        slot_mask: Tensor | None = None,
+        token_mask: Tensor | None = None,
+        mixture: Tensor | None = None,
+        router_logits_clean: Tensor | None = None,
+        router_logits_biased: Tensor | None = None,
+        layer_id: int | None = None,
+        check_values: bool = True,
+    ) -> MoETrace:
+        """From per-slot unweighted outputs: `expert_out [T,K,H]` or `[T*K,H]` (one row per token and slot,
+        slot-major within a token, as a transformers 5.x fused-experts call returns after the
+        repeat-interleave pre-hook)."""
+        if expert_out.dim() == 2 and topk_index.dim() == 2:
+            t, k = topk_index.shape
+            if expert_out.shape[0] != t * k:
+                raise ValueError(
+                    f"expert_out has shape {_shape(expert_out)}; expected [T*K, H] with T*K={t * k}"
+                )
+            expert_out = expert_out.reshape(t, k, expert_out.shape[-1])
+        return cls(
+            topk_index=topk_index,
+            topk_weight=topk_weight,
+            expert_out=expert_out,
+            num_experts=num_experts,
+            slot_mask=slot_mask,
+            token_mask=token_mask,
+            mixture=mixture,
+            router_logits_clean=router_logits_clean,
+            router_logits_biased=router_logits_biased,
+            layer_id=layer_id,
+        ).validate(check_values)
+
+    @classmethod
+    def from_expert_loop(
+        cls,
+        topk_index: Tensor,
+        topk_weight: Tensor,
+        token_indices: Sequence[Tensor],
+        outputs: Sequence[Tensor],
+        *,
+        token_mask: Tensor | None = None,
+        mixture: Tensor | None = None,
+        layer_id: int | None = None,
+        check_values: bool = True,
+    ) -> MoETrace:
+        """From a Mixtral-style loop: expert `e` saw rows `token_indices[e]` ([n_e] token ids) and produced
+        `outputs[e]` ([n_e, H], unweighted). Slots of a token that no expert reports are treated as dropped.
+
+        The per-expert lists are concatenated once; slot positions are recovered with tensor ops.
+        """
+        if len(token_indices) != len(outputs):
+            raise ValueError(
+                f"token_indices has {len(token_indices)} entries and outputs {len(outputs)}; expected one "
+                "entry per expert in each"
+            )
+        num_experts = len(outputs)
+        if num_experts == 0:
+            raise ValueError("from_expert_loop got no experts; expected one (token_indices, outputs) per expert")
+        if topk_index.dim() != 2:
+            raise ValueError(f"topk_index has shape {_shape(topk_index)}; expected [T, K]")
+        for e, (ti, out) in enumerate(zip(token_indices, outputs)):
+            if ti.dim() != 1 or out.dim() != 2 or out.shape[0] != ti.shape[0]:
+                raise ValueError(
+                    f"expert {e}: token_indices has shape {_shape(ti)} and outputs {_shape(out)}; expected "
+                    "[n_e] and [n_e, H]"
+                )
+        t, k = topk_index.shape
+        h = outputs[0].shape[1]
+        device = topk_index.device
+        tok = torch.cat([ti.to(device=device, dtype=torch.long) for ti in token_indices])
+        rows = torch.cat(list(outputs))
+        lengths = torch.tensor([ti.shape[0] for ti in token_indices], device=device)
+        eid = torch.repeat_interleave(torch.arange(num_experts, device=device), lengths)
+        if check_values and tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= t):
+            raise ValueError(f"token_indices hold ids in [{int(tok.min())}, {int(tok.max())}]; expected [0, {t - 1}]")
+        match = topk_index.to(torch.long)[tok] == eid.unsqueeze(1)  # [R, K]
+        if check_values and tok.numel() and not bool(match.any(1).all()):
+            raise ValueError("from_expert_loop: some expert saw a token that did not select it in topk_index")
+        slot = match.to(torch.int8).argmax(1)
+        expert_out = rows.new_zeros(t, k, h)
+        expert_out[tok, slot] = rows
+        slot_mask = torch.zeros(t, k, dtype=torch.bool, device=device)
+        slot_mask[tok, slot] = True
+        return cls(
+            topk_index=topk_index,
+            topk_weight=topk_weight,
+            expert_out=expert_out,
+            num_experts=num_experts,
+            slot_mask=slot_mask,
+            token_mask=token_mask,
+            mixture=mixture,
+            layer_id=layer_id,
+        ).validate(check_values)
+
+    @classmethod
+    def from_capacity_dispatch(
+        cls,
+        topk_index: Tensor,
+        topk_weight: Tensor,
+        dispatch_mask: Tensor,
+        expert_out: Tensor,
+        *,
+        token_mask: Tensor | None = None,
+        mixture: Tensor | None = None,
+        layer_id: int | None = None,
+        check_values: bool = True,
+    ) -> MoETrace:
+        """From a Switch/GShard-style dispatch: `dispatch_mask [T,E,C]` (token t sits in buffer slot c of
+        expert e) and `expert_out [E,C,H]` (unweighted). A chosen (token, expert) pair absent from the
+        dispatch was dropped by capacity. Gather-only: no host sync."""
+        if dispatch_mask.dim() != 3 or expert_out.dim() != 3:
+            raise ValueError(
+                f"dispatch_mask has shape {_shape(dispatch_mask)} and expert_out {_shape(expert_out)}; "
+                "expected [T, E, C] and [E, C, H]"
+            )
+        t, e, c = dispatch_mask.shape
+        if _shape(expert_out)[:2] != (e, c):
+            raise ValueError(f"expert_out has shape {_shape(expert_out)}; expected [{e}, {c}, H]")
+        if topk_index.dim() != 2 or topk_index.shape[0] != t:
+            raise ValueError(f"topk_index has shape {_shape(topk_index)}; expected [{t}, K]")
+        idx = topk_index.to(torch.long)
+        if check_values and (int(idx.min()) < 0 or int(idx.max()) >= e):
+            raise ValueError(f"topk_index holds ids in [{int(idx.min())}, {int(idx.max())}]; expected [0, {e - 1}]")
+        k = idx.shape[1]
+        tok = torch.arange(t, device=idx.device).unsqueeze(1).expand(t, k)
+        rows = dispatch_mask.bool()[tok, idx]  # [T, K, C]
+        kept = rows.any(-1)
+        pos = rows.to(torch.int8).argmax(-1)
+        out = expert_out[idx, pos]  # [T, K, H]
+        out = torch.where(kept.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return cls(
+            topk_index=topk_index,
+            topk_weight=topk_weight,
+            expert_out=out,
+            num_experts=e,
+            slot_mask=kept,
+            token_mask=token_mask,
+            mixture=mixture,
+            layer_id=layer_id,
+        ).validate(check_values)
