@@ -179,7 +179,7 @@ class MoETrace:
             raise ValueError("from_expert_loop got no experts; expected one (token_indices, outputs) per expert")
         if topk_index.dim() != 2:
             raise ValueError(f"topk_index has shape {_shape(topk_index)}; expected [T, K]")
-        for e, (ti, out) in enumerate(zip(token_indices, outputs)):
+        for e, (ti, out) in enumerate(zip(token_indices, outputs, strict=True)):
             if ti.dim() != 1 or out.dim() != 2 or out.shape[0] != ti.shape[0]:
                 raise ValueError(
                     f"expert {e}: token_indices has shape {_shape(ti)} and outputs {_shape(out)}; expected "
