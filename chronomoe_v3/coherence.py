@@ -183,6 +183,7 @@ class CoherenceState(nn.Module):
     role_value: Tensor
     role_decay: Tensor
     alpha_role: Tensor
+    _alpha_floor: Tensor
 
     def __init__(
         self,
