@@ -14,16 +14,19 @@ import torch
 MODES = ("TRAIN", "INFER")
 
 
-def check_finite_float(name: str, value: Any, *, allow_none: bool = False) -> float | None:
+def check_finite_float(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise ValueError naming ``name`` if it is not a finite number."""
-    if value is None and allow_none:
-        return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a finite number{' or None' if allow_none else ''}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     out = float(value)
     if not math.isfinite(out):
         raise ValueError(f"{name} must be finite, got {out!r}")
     return out
+
+
+def check_optional_float(name: str, value: Any) -> float | None:
+    """Like :func:`check_finite_float`, but None passes through."""
+    return None if value is None else check_finite_float(name, value)
 
 
 def check_int(name: str, value: Any, *, minimum: int = 0) -> int:
@@ -94,7 +97,7 @@ class RoutingEvent:
     aux_loss: float | None = None
 
     def __post_init__(self) -> None:
-        self.timestamp = check_finite_float("timestamp", self.timestamp)  # type: ignore[assignment]
+        self.timestamp = check_finite_float("timestamp", self.timestamp)
         if not isinstance(self.run_id, str):
             raise ValueError(f"run_id must be a str, got {self.run_id!r}")
         self.step = check_int("step", self.step)
@@ -102,9 +105,7 @@ class RoutingEvent:
         self.layer_id = check_int("layer_id", self.layer_id)
         self.n_experts = check_int("n_experts", self.n_experts, minimum=1)
         self.top_k = check_int("top_k", self.top_k, minimum=1)
-        self.expert_token_counts = check_counts(
-            "expert_token_counts", self.expert_token_counts, self.n_experts
-        )
+        self.expert_token_counts = check_counts("expert_token_counts", self.expert_token_counts, self.n_experts)
         active = [check_int("active_experts entry", a) for a in self.active_experts]
         if any(a >= self.n_experts for a in active) or len(set(active)) != len(active):
             raise ValueError(
@@ -114,12 +115,10 @@ class RoutingEvent:
         if self.router_prob_sums is not None:
             sums = [check_finite_float("router_prob_sums entry", v) for v in self.router_prob_sums]
             if len(sums) != self.n_experts:
-                raise ValueError(
-                    f"router_prob_sums must have length n_experts={self.n_experts}, got {len(sums)}"
-                )
-            self.router_prob_sums = sums  # type: ignore[assignment]
-        self.loss = check_finite_float("loss", self.loss, allow_none=True)
-        self.aux_loss = check_finite_float("aux_loss", self.aux_loss, allow_none=True)
+                raise ValueError(f"router_prob_sums must have length n_experts={self.n_experts}, got {len(sums)}")
+            self.router_prob_sums = sums
+        self.loss = check_optional_float("loss", self.loss)
+        self.aux_loss = check_optional_float("aux_loss", self.aux_loss)
 
     @property
     def token_count(self) -> int:
@@ -181,17 +180,14 @@ class RoutingEvent:
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names - {"token_count"}
         if unknown:
-            raise ValueError(
-                f"RoutingEvent.from_dict got unknown keys {sorted(unknown)}; expected {sorted(names)}"
-            )
+            raise ValueError(f"RoutingEvent.from_dict got unknown keys {sorted(unknown)}; expected {sorted(names)}")
         missing = {f.name for f in fields(cls) if f.name not in data and f.name not in _OPTIONAL}
         if missing:
             raise ValueError(f"RoutingEvent.from_dict is missing keys {sorted(missing)}")
         event = cls(**{k: v for k, v in data.items() if k in names})
         if "token_count" in data and data["token_count"] != event.token_count:
             raise ValueError(
-                f"token_count={data['token_count']!r} disagrees with "
-                f"sum(expert_token_counts)={event.token_count}"
+                f"token_count={data['token_count']!r} disagrees with sum(expert_token_counts)={event.token_count}"
             )
         return event
 

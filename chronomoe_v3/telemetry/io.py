@@ -112,9 +112,7 @@ def _load_jsonl(path: Path, parse: Callable[[Mapping[str, Any]], T]) -> list[T]:
             if lineno == len(lines):
                 warnings.warn(f"{path}:{lineno}: dropping a torn last line ({err.msg})", stacklevel=3)
                 break
-            raise ValueError(
-                f"{path}:{lineno}: not valid JSON ({err.msg}); only the last line may be torn"
-            ) from err
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}); only the last line may be torn") from err
         try:
             out.append(parse(record))
         except (TypeError, ValueError) as err:

@@ -42,9 +42,7 @@ def compute_utilization_shares(events: CountsLike, n_experts: int | None = None)
     if isinstance(events, Sequence) and len(events) > 0 and isinstance(events[0], RoutingEvent):
         widths = {e.n_experts for e in events}  # type: ignore[union-attr]
         if len(widths) != 1 or (n_experts is not None and widths != {n_experts}):
-            raise ValueError(
-                f"events must share one n_experts (expected {n_experts}), got widths {sorted(widths)}"
-            )
+            raise ValueError(f"events must share one n_experts (expected {n_experts}), got widths {sorted(widths)}")
         totals = np.sum([e.expert_token_counts for e in events], axis=0, dtype=np.float64)  # type: ignore[union-attr]
     else:
         if isinstance(events, torch.Tensor):

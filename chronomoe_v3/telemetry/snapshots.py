@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .events import RoutingEvent, check_finite_float, check_int
+from .events import RoutingEvent, check_finite_float, check_int, check_optional_float
 from .metrics import compute_layer_metrics
 
 PRE_COLLAPSE = "PRE_COLLAPSE"
@@ -32,9 +32,7 @@ class LayerSnapshot:
 
     def __post_init__(self) -> None:
         self.layer_id = check_int("layer_id", self.layer_id)
-        self.utilization_shares = [
-            float(check_finite_float("utilization_shares entry", s)) for s in self.utilization_shares  # type: ignore[arg-type]
-        ]
+        self.utilization_shares = [check_finite_float("utilization_shares entry", s) for s in self.utilization_shares]
         if not self.utilization_shares:
             raise ValueError(f"layer {self.layer_id}: utilization_shares must be non-empty")
         self.active_experts = [check_int("active_experts entry", a) for a in self.active_experts]
@@ -144,9 +142,7 @@ class AlertHistory:
 
 def check_immediate_alerts(layers: Iterable[LayerSnapshot]) -> list[Alert]:
     """The alert conditions on these layers alone, without persistence (``count`` = 1)."""
-    return [
-        _make_alert(kind, layer, 1) for layer in layers for kind in ALERT_KINDS if _CONDITIONS[kind](layer)
-    ]
+    return [_make_alert(kind, layer, 1) for layer in layers for kind in ALERT_KINDS if _CONDITIONS[kind](layer)]
 
 
 @dataclass
@@ -164,9 +160,9 @@ class SystemSnapshot:
 
     def __post_init__(self) -> None:
         self.step = check_int("step", self.step)
-        self.timestamp = check_finite_float("timestamp", self.timestamp)  # type: ignore[assignment]
-        self.train_loss = check_finite_float("train_loss", self.train_loss, allow_none=True)
-        self.val_loss = check_finite_float("val_loss", self.val_loss, allow_none=True)
+        self.timestamp = check_finite_float("timestamp", self.timestamp)
+        self.train_loss = check_optional_float("train_loss", self.train_loss)
+        self.val_loss = check_optional_float("val_loss", self.val_loss)
         ids = [layer.layer_id for layer in self.layers]
         if len(set(ids)) != len(ids):
             raise ValueError(f"layers must have distinct layer_id values, got {ids}")

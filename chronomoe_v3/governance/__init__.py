@@ -1,0 +1,17 @@
+"""The v2 governance contract: the router-input lens and the mid-clock controller that drives it."""
+
+from .controller import ControlConfig, ControlDecision, Controller, LensLike, plan_layer, topology_debt
+from .lens import ChronoLens, IdentityLens, SteeringMode, steering_weights
+
+__all__ = [
+    "ChronoLens",
+    "ControlConfig",
+    "ControlDecision",
+    "Controller",
+    "IdentityLens",
+    "LensLike",
+    "SteeringMode",
+    "plan_layer",
+    "steering_weights",
+    "topology_debt",
+]
