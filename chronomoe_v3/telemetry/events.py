@@ -61,10 +61,10 @@ def check_counts(name: str, values: Any, length: int | None = None) -> list[int]
         bad = ~np.isfinite(arr) | (arr != np.round(arr))
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(f"{name}[{i}] must be a non-negative integer count, got fractional {arr[i]!r}")
+            raise ValueError(f"{name}[{i}] must be a non-negative integer count, got fractional {arr[i].item()!r}")
     if (arr < 0).any():
         i = int(np.argmax(arr < 0))
-        raise ValueError(f"{name}[{i}] must be a non-negative integer count, got {arr[i]!r}")
+        raise ValueError(f"{name}[{i}] must be a non-negative integer count, got {arr[i].item()!r}")
     return [int(v) for v in arr.astype(np.int64)]
 
 
