@@ -88,7 +88,7 @@ class TokenCounter:
         check_mode(mode)
         masks = self._stack_masks(active_masks)
         payload = self.counts if masks is None else torch.cat([self.counts, masks.to(self.counts)], dim=0)
-        host = payload.cpu()
+        host = payload.to("cpu", copy=True)  # a copy even on CPU, so reset cannot clear it
         if reset:
             self.counts.zero_()
         counts = host[: self.n_layers]
