@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-SHARE_FLOOR = 1e-4
+SHARE_FLOOR_OF_UNIFORM = 0.01
 
 
 class SteeringMode(str, Enum):
@@ -41,15 +41,15 @@ def steering_weights(shares: torch.Tensor, active_mask: torch.Tensor, mode: str 
     """Per-slot weights ``c`` such that ``d = sum_e c_e W_e``; zero on inactive slots.
 
     ANTI_DOMINANCE: ``c_e = 1/n - s_e``. LIFT_TAIL: its positive part (only under-used experts pull).
-    ENTROPY_MAX: ``c_e = -(log s_e - mean_active log s)``, the entropy gradient projected onto the simplex
-    (shares floored at 1e-4), which weighs starved experts far more than ANTI_DOMINANCE does.
+    ENTROPY_MAX: ``c_e = -log(n s_e)``, the log-share deviation from uniform (shares floored at 1% of the
+    uniform share, so ``c_e <= log 100``): same signs as ANTI_DOMINANCE, but starved experts pull far harder
+    and dominant ones are pushed down only logarithmically.
     """
     mode = parse_steering_mode(mode)
     mask = active_mask.to(shares.dtype)
     n = mask.sum().clamp_min(1.0)
     if mode is SteeringMode.ENTROPY_MAX:
-        logs = shares.clamp_min(SHARE_FLOOR).log() * mask
-        return -(logs - logs.sum() / n) * mask
+        return -(shares * n).clamp_min(SHARE_FLOOR_OF_UNIFORM).log() * mask
     c = (1.0 / n - shares) * mask
     return c.clamp_min(0.0) if mode is SteeringMode.LIFT_TAIL else c
 
