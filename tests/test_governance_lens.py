@@ -190,3 +190,20 @@ def test_identity_lens_is_identity():
     lens.update_steering(SHARES)
     x = torch.randn(2, D)
     assert lens(x) is x and lens.s == 0.4 and lens.rank == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for sync debug mode")
+def test_forward_has_no_cuda_sync():
+    router = nn.Linear(D, E).cuda()
+    lens = ChronoLens(D, rank=4, use_warp=True).cuda()
+    lens.bind_router(router, apply_as_hook=True)
+    lens.update_steering(SHARES)
+    lens.set_scale(0.3)
+    x = torch.randn(64, D, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        router(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None and lens.s == pytest.approx(0.3)

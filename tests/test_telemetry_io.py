@@ -154,3 +154,20 @@ def test_token_counter_bad_input():
     counter.add(0, torch.tensor([-1, 0, 0]))
     with pytest.raises(ValueError, match="non-negative"):
         counter.to_events("r", 0, "TRAIN", 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for sync debug mode")
+def test_token_counter_add_has_no_cuda_sync():
+    counter = TokenCounter(n_layers=2, n_slots=8, device="cuda")
+    idx = torch.randint(0, 8, (4096, 2), device="cuda")
+    counts = torch.zeros(8, device="cuda").index_add_(0, idx.flatten(), torch.ones(idx.numel(), device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            counter.add(1, counts)
+            counter.add_all(torch.stack([counts, counts]))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    (_, e1) = counter.to_events("r", 0, "TRAIN", 2)
+    assert e1.token_count == 6 * 4096 * 2
