@@ -4,6 +4,7 @@ from .clocks import ClockConfig, ThreeClockEMA
 from .coherence import (
     CoherenceState,
     ExpertStats,
+    attach_coherence,
     compute_coherence,
     compute_expert_stats,
     layer_coherence,
@@ -24,6 +25,7 @@ __all__ = [
     "MoETrace",
     "Routing",
     "ThreeClockEMA",
+    "attach_coherence",
     "compute_coherence",
     "compute_expert_stats",
     "layer_coherence",

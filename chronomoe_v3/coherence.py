@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .clocks import ThreeClockEMA, ema_debiased, ema_update
 from .config import ESTIMATORS, ChronoConfig
@@ -341,3 +342,18 @@ class CoherenceState(nn.Module):
     def layer_psi(self, clock: int = 2) -> Tensor:
         """Layer coherence Psi on a clock (0 fast, 1 mid, 2 slow): share-weighted phi of measured experts."""
         return layer_coherence(self.phi_clocks[clock], torch.nan_to_num(self.share_clocks[clock], nan=0.0))
+
+
+def attach_coherence(layer: nn.Module, state: CoherenceState) -> RemovableHandle:
+    """Track `layer`'s coherence in `state` on every observed forward (a layer with `add_observer`,
+    such as ChronoMoELayer). Returns the handle; `handle.remove()` detaches."""
+    add_observer = getattr(layer, "add_observer", None)
+    if add_observer is None:
+        raise ValueError(f"{type(layer).__name__} has no add_observer(); expected a ChronoMoELayer-like module")
+    mask = getattr(layer, "active_mask", None)
+
+    def _observe(trace: MoETrace) -> None:
+        state.observe(compute_expert_stats(trace), mask)
+
+    handle: RemovableHandle = add_observer(_observe)
+    return handle

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import BIAS_MODES
+from .grouped import grouped_mm
 from .routing import Routing, route_topk
 from .trace import MoETrace
 
@@ -21,7 +22,8 @@ Observer = Callable[[MoETrace], Any]
 
 def _grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     """Rows of `x` grouped by expert (group e ends at offsets[e]) times `weight[e]`."""
-    return torch._grouped_mm(x, weight, offs=offsets)
+    out: Tensor = grouped_mm(x, weight, offsets)
+    return out
 
 
 class ChronoMoELayer(nn.Module):

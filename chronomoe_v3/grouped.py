@@ -1,0 +1,86 @@
+"""Grouped matrix product for experts stored as stacked `[E, K, N]` weights.
+
+Rows of `x [M, K]` are sorted by expert; group e is `x[offsets[e-1]:offsets[e]]` and is multiplied by
+`w[e]`. Rows past the last offset (dropped slots) give zeros. One custom op with its own autograd, so
+`torch.compile` sees an opaque, shape-known call (no graph break), and eager runs the fastest kernel the
+device has: `torch._grouped_mm` for bf16 on CUDA with 16-byte aligned dimensions, a per-group product
+otherwise (on CUDA that path reads the offsets on the host; it is the fallback, not the fast path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _native_ok(a: Tensor, b: Tensor) -> bool:
+    if not (a.is_cuda and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16):
+        return False
+    return all(s % 8 == 0 for s in (a.shape[-1], b.shape[-1]))
+
+
+def _loop_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    out = x.new_zeros(x.shape[0], w.shape[-1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ w[e]
+        start = end
+    return out
+
+
+def _loop_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
+    out = x.new_zeros(offsets.shape[0], x.shape[1], grad.shape[1])
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            out[e] = x[start:end].t() @ grad[start:end]
+        start = end
+    return out
+
+
+@torch.library.custom_op("chronomoe_v3::grouped_mm", mutates_args=())
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """`out[r] = x[r] @ w[e(r)]` with e(r) the group of row r; zeros past `offsets[-1]`."""
+    if _native_ok(x, w):
+        out = torch._grouped_mm(x, w, offs=offsets)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return torch.where((rows < offsets[-1]).unsqueeze(1), out, torch.zeros((), dtype=out.dtype,
+                                                                                device=out.device))
+    return _loop_mm(x, w, offsets)
+
+
+@grouped_mm.register_fake
+def _grouped_mm_fake(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("chronomoe_v3::grouped_weight_grad", mutates_args=())
+def grouped_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
+    """`out[e] = x_e^T @ grad_e` over each group's rows: the weight gradient of `grouped_mm`."""
+    if _native_ok(x, grad) and x.shape[0] % 8 == 0:
+        return torch._grouped_mm(x.t(), grad, offs=offsets)
+    return _loop_weight_grad(x, grad, offsets)
+
+
+@grouped_weight_grad.register_fake
+def _grouped_weight_grad_fake(x: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
+    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+
+def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    x, w, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = grouped_mm(grad, w.transpose(1, 2).contiguous(), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = grouped_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+grouped_mm.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,217 @@
+import math
+
+import pytest
+import torch
+
+from chronomoe_v3 import (
+    ChronoConfig,
+    CoherenceState,
+    MoETrace,
+    compute_coherence,
+    compute_expert_stats,
+    layer_coherence,
+)
+
+
+def _two_expert_trace(v0, v1, t=6):
+    """Every token goes to experts 0 and 1 (top-2) with equal gates; expert e always outputs v_e."""
+    idx = torch.tensor([[0, 1]] * t)
+    w = torch.full((t, 2), 0.5)
+    y = torch.stack([v0.expand(t, -1), v1.expand(t, -1)], 1)
+    return MoETrace.from_fused(idx, w, y, num_experts=3)
+
+
+def test_aligned_opposite_orthogonal():
+    v = torch.tensor([1.0, 2.0, 0.0])
+    u = torch.tensor([-2.0, 1.0, 0.0])
+    phi = compute_coherence(_two_expert_trace(v, 3 * v))
+    assert phi[:2].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    phi = compute_coherence(_two_expert_trace(v, -v))
+    assert phi[:2].tolist() == pytest.approx([-1.0, -1.0], abs=1e-6)
+    phi = compute_coherence(_two_expert_trace(v, u))
+    assert phi[:2].tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert math.isnan(phi[2])  # expert 2 saw no token: unmeasured, not 0
+
+
+def _random_trace(t=40, k=2, e=5, h=7, seed=0, drop=0.2):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(t, e, generator=g)
+    idx = scores.topk(k, dim=1).indices
+    w = torch.softmax(torch.randn(t, k, generator=g), -1)
+    y = torch.randn(t, k, h, generator=g)
+    keep = torch.rand(t, k, generator=g) > drop
+    y = torch.where(keep[..., None], y, torch.zeros(()))
+    return MoETrace.from_fused(idx, w, y, num_experts=e, slot_mask=keep)
+
+
+def _reference_phi(trace, estimator):
+    """Float64 loop implementation straight from SPEC section 2."""
+    idx, w, y = trace.topk_index, trace.topk_weight.double(), trace.expert_out.double()
+    keep = trace.kept_slots()
+    t, k, h = y.shape
+    n = [0] * trace.num_experts
+    s = [torch.zeros(h, dtype=torch.float64) for _ in range(trace.num_experts)]
+    g = [torch.zeros(h, dtype=torch.float64) for _ in range(trace.num_experts)]
+    m = torch.zeros(h, dtype=torch.float64)
+    for i in range(t):
+        for j in range(k):
+            if keep[i, j]:
+                e = int(idx[i, j])
+                n[e] += 1
+                s[e] += y[i, j]
+                g[e] += w[i, j] * y[i, j]
+                m += w[i, j] * y[i, j]
+    big_n = t if trace.token_mask is None else int(trace.token_mask.sum())
+    out = []
+    for e in range(trace.num_experts):
+        if n[e] == 0:
+            out.append(float("nan"))
+            continue
+        ybar = s[e] / n[e]
+        ref = (m - g[e]) / big_n if estimator == "loo" else m / big_n
+        out.append(float(torch.dot(ybar, ref) / (ybar.norm() * ref.norm())))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("estimator", ["loo", "full"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_estimators_match_formula(estimator, seed):
+    tr = _random_trace(seed=seed)
+    got = compute_coherence(tr, estimator)
+    ref = _reference_phi(tr, estimator)
+    assert torch.allclose(got, ref.float(), atol=1e-5, equal_nan=True)
+
+
+def test_loo_and_full_differ_exactly_by_own_contribution():
+    tr = _random_trace(seed=3)
+    stats = compute_expert_stats(tr)
+    loo = compute_coherence(stats, "loo")
+    full = compute_coherence(stats, "full")
+    ybar = stats.sum_out / stats.counts.clamp_min(1)[:, None]
+    ref_full = stats.sum_mixture.expand_as(ybar)
+    ref_loo = ref_full - stats.sum_weighted
+    cos = torch.nn.functional.cosine_similarity
+    ok = stats.counts > 0
+    assert torch.allclose(full[ok], cos(ybar, ref_full, dim=1)[ok], atol=1e-6)
+    assert torch.allclose(loo[ok], cos(ybar, ref_loo, dim=1)[ok], atol=1e-6)
+    assert not torch.allclose(loo[ok], full[ok])
+    # Removing the own term matters: the full estimator is biased upward by e's own contribution.
+    assert (full[ok] >= loo[ok] - 1e-6).float().mean() > 0.5
+
+
+def test_sole_contributor_is_unmeasured_under_loo():
+    idx = torch.zeros(5, 1, dtype=torch.long)
+    tr = MoETrace.from_fused(idx, torch.ones(5, 1), torch.randn(5, 1, 4), num_experts=2)
+    assert torch.isnan(compute_coherence(tr, "loo")).all()
+    assert compute_coherence(tr, "full")[0].item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_layer_psi_weights_measured_experts_by_share():
+    phi = torch.tensor([0.5, float("nan"), -1.0, 0.2])
+    share = torch.tensor([0.5, 0.3, 0.25, 0.0])
+    assert layer_coherence(phi, share).item() == pytest.approx((0.5 * 0.5 - 0.25) / 0.75)
+    assert torch.isnan(layer_coherence(torch.full((3,), float("nan")), torch.ones(3)))
+
+
+def test_padding_excluded_from_stats():
+    tr = _random_trace(seed=4, drop=0.0)
+    mask = torch.ones(tr.num_tokens, dtype=torch.bool)
+    mask[::3] = False
+    padded = MoETrace.from_fused(tr.topk_index, tr.topk_weight, tr.expert_out, tr.num_experts, token_mask=mask)
+    stats = compute_expert_stats(padded)
+    assert stats.num_tokens.item() == mask.sum().item()
+    assert stats.counts.sum().item() == mask.sum().item() * tr.top_k
+    ref = _reference_phi(padded, "loo")
+    assert torch.allclose(compute_coherence(padded), ref.float(), atol=1e-5, equal_nan=True)
+
+
+def test_unmeasured_experts_leave_state_untouched():
+    state = CoherenceState(5, 7)
+    state.observe(compute_expert_stats(_random_trace(seed=5, drop=0.0)))
+    before = {k: v.clone() for k, v in state.state_dict().items()}
+    # Step 2: only experts 0 and 1 see tokens.
+    tr = _two_expert_trace(torch.randn(7), torch.randn(7))
+    tr.num_experts = 5
+    state.observe(compute_expert_stats(tr))
+    after = state.state_dict()
+    for key in ("phi.value", "phi.decay", "phi.count", "role_value", "last_seen"):
+        b, a = before[key], after[key]
+        b = b.reshape(-1, 5, *b.shape[2:]) if b.dim() > 1 else b.reshape(1, 5)
+        a = a.reshape(-1, 5, *a.shape[2:]) if a.dim() > 1 else a.reshape(1, 5)
+        assert torch.equal(a[:, 2:], b[:, 2:]), key
+    assert torch.isnan(state.phi_last[2:]).all()
+
+
+def test_nonfinite_outputs_skipped_counted_and_never_poison_state():
+    tr = _random_trace(seed=6, drop=0.0)
+    state = CoherenceState(5, 7)
+    state.observe(compute_expert_stats(tr))
+    bad = tr.expert_out.clone()
+    hit = tr.topk_index == 2
+    first = hit.nonzero()[0]
+    bad[first[0], first[1], 0] = float("nan")
+    bad_trace = MoETrace.from_fused(tr.topk_index, tr.topk_weight, bad, 5)
+    stats = compute_expert_stats(bad_trace)
+    assert stats.nonfinite.tolist() == [False, False, True, False, False]
+    assert torch.isfinite(stats.sum_out).all() and torch.isfinite(stats.sum_mixture).all()
+    phi = state.observe(stats)
+    assert torch.isnan(phi[2]) and torch.isfinite(phi[[0, 1, 3, 4]]).all()
+    assert state.nonfinite_skips.tolist() == [0, 0, 1, 0, 0]
+    for name, buf in state.named_buffers():
+        if buf.is_floating_point() and name not in ("phi_last",):
+            assert torch.isfinite(buf).all(), name
+
+
+def test_observe_with_relevance_modulates_fast_and_mid_only():
+    cfg = ChronoConfig()
+    a = CoherenceState(5, 7, cfg)
+    b = CoherenceState(5, 7, cfg)
+    trs = [_random_trace(seed=s, drop=0.0) for s in range(4)]
+    for tr in trs:
+        a.observe(compute_expert_stats(tr))
+        b.observe(compute_expert_stats(tr), relevance=torch.tensor(1.0))
+    assert torch.allclose(a.phi_clocks, b.phi_clocks, equal_nan=True)
+    c = CoherenceState(5, 7, cfg)
+    for tr in trs:
+        c.observe(compute_expert_stats(tr), relevance=torch.tensor(0.0))
+    # relevance 0: fast/mid run at their floors, slow unchanged.
+    assert torch.allclose(c.phi_slow, a.phi_slow, equal_nan=True)
+    assert not torch.allclose(c.phi_fast, a.phi_fast, equal_nan=True)
+    assert torch.allclose(c.phi.alphas, a.phi.alphas)
+
+
+def test_degrading_flag_relative_to_layer_median():
+    cfg = ChronoConfig(min_observations_to_flag=1)
+    s = CoherenceState(4, 3, cfg)
+    # Fake a history: slow 0.8 everywhere, fast drops for expert 1 only; then for the whole layer.
+    for _ in range(500):
+        s.phi.update(torch.full((4,), 0.8), torch.ones(4, dtype=torch.bool))
+    for _ in range(30):
+        s.phi.update(torch.tensor([0.8, 0.2, 0.8, 0.8]), torch.ones(4, dtype=torch.bool))
+    assert s.degrading().tolist() == [False, True, False, False]
+    s2 = CoherenceState(4, 3, cfg)
+    for _ in range(500):
+        s2.phi.update(torch.full((4,), 0.8), torch.ones(4, dtype=torch.bool))
+    for _ in range(30):
+        s2.phi.update(torch.full((4,), 0.2), torch.ones(4, dtype=torch.bool))
+    assert not s2.degrading().any()
+    abs_cfg = ChronoConfig(min_observations_to_flag=1, degrade_reference="absolute")
+    s3 = CoherenceState(4, 3, abs_cfg)
+    s3.load_state_dict(s2.state_dict())
+    assert s3.degrading().all()
+
+
+def test_state_is_fp32_and_shape_checked():
+    s = CoherenceState(5, 7)
+    assert all(b.dtype in (torch.float32, torch.int64) for b in s.buffers())
+    stats = compute_expert_stats(_random_trace(h=6))
+    with pytest.raises(ValueError, match="expects"):
+        s.observe(stats)
+
+
+def test_bf16_trace_accumulates_in_fp32():
+    tr = _random_trace(seed=7, drop=0.0)
+    tr16 = MoETrace.from_fused(tr.topk_index, tr.topk_weight.bfloat16(), tr.expert_out.bfloat16(), 5)
+    stats = compute_expert_stats(tr16)
+    assert stats.sum_out.dtype == torch.float32
+    assert torch.allclose(compute_coherence(stats), compute_coherence(tr), atol=2e-2, equal_nan=True)
