@@ -1,0 +1,320 @@
+"""Bimodality: the "one expert, two roles" detector (SPEC 6).
+
+What the detector sees. A step's *mean* output of an expert averages every token it served, so when one
+expert serves two separated input clusters inside mixed batches, each step's mean lies between the two roles
+and a detector fed only with means sees one role. The detector is therefore fed **per-token samples**:
+`sample_expert_outputs` draws, uniformly at random and without replacement, up to `S` kept token-slots per
+expert from a trace and returns them as a fixed-shape `[E, S, H]` block with a validity mask `[E, S]`
+(fewer than S valid slots where the expert saw fewer tokens). It uses one sort of the T*K routing
+assignments and two scatters: fixed shapes, no host sync, no loop over experts. A per-step mean is the
+special case S = 1 (`update` also accepts `[E, H]` with a mask `[E]`), useful when batches are homogeneous.
+
+Two unit centroids per expert, `c1, c2`, and decayed assignment counts `n1, n2`. On each step, for the
+experts with at least one valid sample:
+1. seeding of c1: an expert with no centroid yet takes its first valid sample (a random token-slot) as c1;
+2. every valid unit sample is assigned to the closer seeded centroid (ties go to c1);
+3. seeding of c2 (and re-seeding of a dead centroid): the sample farthest from the other centroid is taken
+   as the new centroid when its cosine to that centroid is below `seed_cosine` (default 0.9). A seeded
+   centroid is re-seeded the same way when it won no sample this step and its count has fallen below
+   `reseed_balance` (default 0.05) times the other's. Samples are then re-assigned;
+4. each centroid that won samples moves towards the unit mean direction `d_j` of its samples,
+   `c_j <- normalise(alpha * c_j + (1 - alpha) * d_j)` (alpha = `alpha_centroid`);
+5. both counts decay and the winners add this step's assignment fractions: `n_j <- alpha * n_j + f_j`,
+   `f_j` = fraction of the step's valid samples assigned to j (with S = 1: +1 to the winner).
+
+Why this does not invent bimodality from noise: seeding may fire on a diffuse single-role cloud, but the
+centroids then converge to the unit means of two halves of one cloud, which nearly coincide (and a seed
+on an outlier wins nothing, so its count and the balance fall to ~0). Only two genuinely separated groups
+of outputs keep two distant centroids that both win samples.
+
+Readings: `separation = 1 - cos(c1, c2)`, `balance = min(n1, n2) / max(n1, n2)`,
+`bimodality = separation * balance` (0 until both centroids are seeded). Optionally (`reference` passed to
+`update`, the expert's coherence reference vector of the step, e.g. the leave-one-out mixture mean) the
+state also keeps a debiased EMA of `cos(c_j, reference)` per centroid: the coherence each split child is
+predicted to have (`centroid_phi`), read by the slow objective's split prediction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .clocks import ema_debiased, ema_update
+from .config import ChronoConfig
+from .trace import MoETrace
+
+DEFAULT_SAMPLES_PER_EXPERT = 8
+DEFAULT_SEED_COSINE = 0.9
+DEFAULT_RESEED_BALANCE = 0.05
+_ABS_ZERO = 1e-30
+
+
+def sample_expert_outputs(
+    trace: MoETrace, samples_per_expert: int = DEFAULT_SAMPLES_PER_EXPERT, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Up to `S` random kept token-slot outputs per expert: `(samples [E, S, H] fp32, valid [E, S] bool)`.
+
+    Slots are drawn uniformly without replacement among the expert's kept, non-padding slots; rows that are
+    not valid (expert saw fewer than S tokens, or the row is non-finite or zero) are zero. Only `E * S` rows
+    are gathered. `generator` (on the trace's device) makes the draw reproducible.
+    """
+    if isinstance(samples_per_expert, bool) or not isinstance(samples_per_expert, int) or samples_per_expert < 1:
+        raise ValueError(f"samples_per_expert={samples_per_expert!r} is invalid: expected an integer >= 1")
+    t, k, h = trace.expert_out.shape
+    e, s, n = trace.num_experts, samples_per_expert, t * k
+    device = trace.expert_out.device
+    idx = trace.topk_index.reshape(n).to(torch.long)
+    keep = trace.kept_slots().reshape(n)
+    target = torch.where(keep, idx, torch.full_like(idx, e))  # dropped / padded slots sort last, into row E
+    # Sort by (expert, random rank): a random order of slots within each expert.
+    order = torch.argsort(target * n + torch.randperm(n, device=device, generator=generator))
+    sorted_target = target[order]
+    counts = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, target, torch.ones_like(target))
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(n, device=device) - starts[sorted_target]
+    take = (rank < s) & (sorted_target < e)
+    dest = torch.where(take, sorted_target * s + rank.clamp_max(s - 1), torch.full_like(rank, e * s))
+    src = torch.full((e * s + 1,), n, dtype=torch.long, device=device)
+    src[dest] = order  # taken destinations are unique; the dump row e*s is discarded
+    src = src[: e * s]
+    valid = src < n
+    rows = trace.expert_out.reshape(n, h)[src.clamp_max(n - 1)].float()
+    valid = valid & torch.isfinite(rows).all(-1) & (rows.abs().sum(-1) > 0)
+    rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros((), device=device))
+    return rows.view(e, s, h), valid.view(e, s)
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(_ABS_ZERO)
+
+
+class BimodalityState(nn.Module):
+    """Two-centroid detector over E expert slots of width H (fp32 buffers, no host sync on update).
+
+    Buffers: `centroid [2, E, H]` (c1, c2; unit rows, zero until seeded), `seeded [2, E]` bool,
+    `count [2, E]` decayed assignment counts (n1, n2), `centroid_phi_value / centroid_phi_decay [1, 2E]`
+    (EMA of each centroid's cosine to the coherence reference, debiased on read).
+    """
+
+    centroid: Tensor
+    seeded: Tensor
+    count: Tensor
+    centroid_phi_value: Tensor
+    centroid_phi_decay: Tensor
+    alpha: Tensor
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        config: ChronoConfig | None = None,
+        *,
+        seed_cosine: float = DEFAULT_SEED_COSINE,
+        reseed_balance: float = DEFAULT_RESEED_BALANCE,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        config = config if config is not None else ChronoConfig()
+        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 1")
+        if not -1.0 <= seed_cosine < 1.0:
+            raise ValueError(f"seed_cosine={seed_cosine!r} is invalid: expected a cosine in [-1, 1)")
+        if not 0.0 <= reseed_balance < 1.0:
+            raise ValueError(f"reseed_balance={reseed_balance!r} is invalid: expected a value in [0, 1)")
+        self.seed_cosine = float(seed_cosine)
+        self.reseed_balance = float(reseed_balance)
+        e, h = num_experts, hidden_size
+        self.register_buffer("centroid", torch.zeros(2, e, h, device=device))
+        self.register_buffer("seeded", torch.zeros(2, e, dtype=torch.bool, device=device))
+        self.register_buffer("count", torch.zeros(2, e, device=device))
+        self.register_buffer("centroid_phi_value", torch.zeros(1, 2 * e, device=device))
+        self.register_buffer("centroid_phi_decay", torch.ones(1, 2 * e, device=device))
+        self.register_buffer("alpha", torch.tensor([config.alpha_centroid], device=device), persistent=False)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.count.shape[1])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.centroid.shape[-1])
+
+    # ------------------------------------------------------------------ update
+    @staticmethod
+    def _assign(cos: Tensor, valid: Tensor, seeded: Tensor) -> Tensor:
+        """[2, E, S] one-hot assignment of valid samples to the closer seeded centroid (ties to c1)."""
+        to_c2 = seeded[1].unsqueeze(1) & seeded[0].unsqueeze(1) & (cos[1] > cos[0])
+        return torch.stack([~to_c2 & valid, to_c2 & valid])
+
+    @torch.no_grad()
+    def update(
+        self,
+        samples: Tensor,
+        valid: Tensor,
+        active_mask: Tensor | None = None,
+        reference: Tensor | None = None,
+    ) -> None:
+        """Fold one step's output samples into the detector.
+
+        `samples [E, S, H]` (any scale; normalised here) with `valid [E, S]` bool, as returned by
+        `sample_expert_outputs`; or one vector per expert `[E, H]` with `valid [E]` (S = 1).
+        `active_mask [E]` restricts updates to active slots. `reference [E, H]` (optional): each expert's
+        coherence reference vector for the step, used for `centroid_phi`.
+        """
+        if samples.dim() == 2:
+            samples, valid = samples.unsqueeze(1), valid.unsqueeze(1)
+        e, h = self.num_experts, self.hidden_size
+        if samples.dim() != 3 or samples.shape[0] != e or samples.shape[2] != h:
+            raise ValueError(f"samples have shape {tuple(samples.shape)}; expected [{e}, S, {h}] or [{e}, {h}]")
+        if valid.shape != samples.shape[:2] or valid.dtype != torch.bool:
+            raise ValueError(
+                f"valid has shape {tuple(valid.shape)} and dtype {valid.dtype}; "
+                f"expected {tuple(samples.shape[:2])} bool"
+            )
+        x = _unit(samples.float())
+        valid = valid & (samples.float().norm(dim=-1) > 0)
+        if active_mask is not None:
+            valid = valid & active_mask.to(valid.device).view(e, 1)
+        measured = valid.any(1)
+        num_valid = valid.sum(1).clamp_min(1)
+
+        # 1. c1 of a fresh expert: its first valid (randomly drawn) sample.
+        first = valid.to(torch.int8).argmax(1)
+        seed1 = measured & ~self.seeded[0]
+        c = self.centroid.clone()
+        c[0] = torch.where(seed1.unsqueeze(1), x[torch.arange(e, device=x.device), first], c[0])
+        seeded = self.seeded.clone()
+        seeded[0] = seeded[0] | seed1
+        count = torch.where(seed1.unsqueeze(0), torch.zeros_like(self.count), self.count)
+
+        # 2. provisional assignment; 3. (re)seed a missing or dead centroid at the farthest sample.
+        cos = torch.einsum("jeh,esh->jes", c, x)  # [2, E, S]
+        assign = self._assign(cos, valid, seeded)
+        won = assign.any(2)  # [2, E]
+        far_cos = torch.where(valid.unsqueeze(0), cos, torch.full_like(cos, 2.0)).min(2)  # [2, E]
+        far_idx = far_cos.indices.flip(0)  # candidate for centroid j: farthest from the other centroid
+        far_ok = (far_cos.values.flip(0) < self.seed_cosine) & measured.unsqueeze(0) & seeded.flip(0)
+        dead = seeded & ~won & (count < self.reseed_balance * count.flip(0))
+        reseed = far_ok & (dead | ~seeded)
+        reseed[0] = reseed[0] & ~reseed[1]  # at most one centroid per expert per step
+        experts = torch.arange(e, device=x.device)
+        far_rows = torch.stack([x[experts, far_idx[0]], x[experts, far_idx[1]]])  # [2, E, H]
+        c = torch.where(reseed.unsqueeze(-1), far_rows, c)
+        seeded = seeded | reseed
+        count = torch.where(reseed, torch.zeros_like(count), count)
+        cos = torch.einsum("jeh,esh->jes", c, x)
+        assign = self._assign(cos, valid, seeded)
+
+        # 4. move winning centroids towards the unit mean of their samples; 5. decayed counts.
+        a = assign.to(x.dtype)
+        direction = _unit(torch.einsum("jes,esh->jeh", a, x))
+        won = assign.any(2)
+        alpha = self.alpha.to(c.dtype)
+        dummy = torch.ones(1, 2 * e, device=c.device)
+        moved, _ = ema_update(c.view(1, 2 * e, h), dummy, direction.reshape(2 * e, h), won.reshape(-1), alpha)
+        self.centroid.copy_(_unit(moved.view(2, e, h)) * seeded.unsqueeze(-1))
+        frac = a.sum(2) / num_valid.to(a.dtype).unsqueeze(0)
+        self.count.copy_(torch.where(measured.unsqueeze(0), alpha * count + frac, count))
+        self.seeded.copy_(seeded)
+
+        phi_value = torch.where(reseed.view(1, -1), torch.zeros_like(self.centroid_phi_value), self.centroid_phi_value)
+        phi_decay = torch.where(reseed.view(1, -1), torch.ones_like(self.centroid_phi_decay), self.centroid_phi_decay)
+        if reference is not None:
+            ref = reference.to(self.centroid.device, torch.float32)
+            ref_ok = torch.isfinite(ref).all(-1) & (ref.norm(dim=-1) > 0) & measured
+            ref_cos = (self.centroid * _unit(torch.nan_to_num(ref)).unsqueeze(0)).sum(-1)  # [2, E]
+            phi_ok = (seeded & ref_ok.unsqueeze(0)).view(-1)
+            phi_value, phi_decay = ema_update(phi_value, phi_decay, ref_cos.reshape(-1), phi_ok, alpha)
+        self.centroid_phi_value.copy_(phi_value)
+        self.centroid_phi_decay.copy_(phi_decay)
+
+    # ------------------------------------------------------------------ slot management
+    @torch.no_grad()
+    def reset_experts(self, experts: Tensor) -> None:
+        """Forget the detector state of slots (bool `[E]`), e.g. a slot reused by spawn."""
+        experts = experts.to(self.count.device)
+        self.centroid.masked_fill_(experts.view(1, -1, 1), 0.0)
+        self.seeded.masked_fill_(experts.view(1, -1), False)
+        self.count.masked_fill_(experts.view(1, -1), 0.0)
+        both = experts.repeat(2).view(1, -1)
+        self.centroid_phi_value.masked_fill_(both, 0.0)
+        self.centroid_phi_decay.masked_fill_(both, 1.0)
+
+    @torch.no_grad()
+    def copy_expert(self, src: int, dst: int) -> None:
+        """Give slot `dst` the detector state of slot `src`."""
+        e = self.num_experts
+        self.centroid[:, dst] = self.centroid[:, src]
+        self.seeded[:, dst] = self.seeded[:, src]
+        self.count[:, dst] = self.count[:, src]
+        for j in range(2):
+            self.centroid_phi_value[:, j * e + dst] = self.centroid_phi_value[:, j * e + src]
+            self.centroid_phi_decay[:, j * e + dst] = self.centroid_phi_decay[:, j * e + src]
+
+    @torch.no_grad()
+    def split_expert(self, parent: int, child_a: int, child_b: int) -> None:
+        """Hand a split parent's two roles to its children: child A starts with c1 (and n1), child B with c2
+        (and n2), each as its own first centroid with no second one. `parent` may equal a child's slot."""
+        e = self.num_experts
+        c = self.centroid[:, parent].clone()
+        n = self.count[:, parent].clone()
+        s = self.seeded[:, parent].clone()
+        phi_v = self.centroid_phi_value[0, [parent, e + parent]].clone()
+        phi_d = self.centroid_phi_decay[0, [parent, e + parent]].clone()
+        for j, child in enumerate((child_a, child_b)):
+            self.centroid[0, child], self.centroid[1, child] = c[j], 0.0
+            self.count[0, child], self.count[1, child] = n[j], 0.0
+            self.seeded[0, child], self.seeded[1, child] = s[j], False
+            self.centroid_phi_value[0, child], self.centroid_phi_value[0, e + child] = phi_v[j], 0.0
+            self.centroid_phi_decay[0, child], self.centroid_phi_decay[0, e + child] = phi_d[j], 1.0
+
+    # ------------------------------------------------------------------ readings
+    def centroids(self, expert: int) -> Tensor:
+        """[2, H] the unit centroids (c1, c2) of one expert; a row is zero where not seeded."""
+        return self.centroid[:, expert]
+
+    @property
+    def c1(self) -> Tensor:
+        return self.centroid[0]
+
+    @property
+    def c2(self) -> Tensor:
+        return self.centroid[1]
+
+    @property
+    def n1(self) -> Tensor:
+        return self.count[0]
+
+    @property
+    def n2(self) -> Tensor:
+        return self.count[1]
+
+    @property
+    def separation(self) -> Tensor:
+        """[E] 1 - cos(c1, c2); 0 until both centroids are seeded."""
+        both = self.seeded.all(0)
+        sep = (1.0 - (self.centroid[0] * self.centroid[1]).sum(-1)).clamp(0.0, 2.0)
+        return torch.where(both, sep, torch.zeros_like(sep))
+
+    @property
+    def balance(self) -> Tensor:
+        """[E] min(n1, n2) / max(n1, n2); 0 where no count."""
+        hi = self.count.max(0).values
+        return torch.where(hi > 0, self.count.min(0).values / hi.clamp_min(_ABS_ZERO), torch.zeros_like(hi))
+
+    @property
+    def bimodality(self) -> Tensor:
+        """[E] separation * balance, in [0, 2]; 0 until both centroids are seeded."""
+        return self.separation * self.balance
+
+    @property
+    def centroid_weights(self) -> Tensor:
+        """[2, E] n_j / (n1 + n2): the share of the expert's traffic each centroid (split child) takes."""
+        total = self.count.sum(0, keepdim=True)
+        return torch.where(total > 0, self.count / total.clamp_min(_ABS_ZERO), torch.zeros_like(self.count))
+
+    @property
+    def centroid_phi(self) -> Tensor:
+        """[2, E] debiased EMA of cos(c_j, reference); NaN where never measured (no reference given)."""
+        return ema_debiased(self.centroid_phi_value, self.centroid_phi_decay).view(2, self.num_experts)
