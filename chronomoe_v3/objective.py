@@ -1,0 +1,499 @@
+"""The slow objective (SPEC 7): a layer's free energy, candidate edits with predicted effects, selection.
+
+Everything here is a pure function of a `LayerView` (what the slow clock reads for one layer) and the
+config; it runs at `system.step()` time, where host transfers are allowed, and returns Python floats.
+
+Free energy of a layer, with `in_play = active | cooling` and `measured = in_play & isfinite(phi_slow)`:
+
+    F = (1 - Psi_slow) + lambda * N_active + rho * R + kappa * I
+
+- `Psi_slow = sum_e w_e phi_slow_e`, `w` the slow token shares renormalised over measured experts
+  (`coherence.layer_coherence`); a layer with no measured expert has Psi 0 (misfit 1).
+- `N_active` = number of slots in play (cooling experts included: they hold a slot and serve tokens).
+- `R = sum_{e<f measured} r_ef`, a continuous redundancy score per pair,
+  `r_ef = (relu(cos(role_e, role_f)) * (1 - |phi_e - phi_f| / 2)) ** sharpness * overlap_ef`,
+  `overlap_ef = coact_ef / min(coact_ee, coact_ff)` (clamped to [0, 1]): the fraction of the less used
+  expert's tokens that also go to the other. Each factor is in [0, 1]; `r_ef` is near 1 only when the
+  role vectors and the slow coherences nearly coincide *and* the two experts serve the same tokens.
+- `I = sum_{e in_play} relu(bimodality_e - bimodality_threshold)`: bimodality in excess of a threshold.
+`FreeEnergy` holds the four *weighted* terms, so that they sum to F (and, for a candidate, to delta_F).
+
+Candidate edits (never on cooling experts; measured candidates need `min_observations_to_flag`
+observations) and their predicted deltas:
+- PRUNE the measured expert with the lowest phi_slow. Its share moves to the other measured experts in
+  proportion, their phi unchanged: `Psi' = (Psi - w_e phi_e) / (1 - w_e)`, so the misfit changes by
+  `w_e (phi_e - Psi) / (1 - w_e)`; N - 1; its pairs leave R; its excess bimodality leaves I.
+- PRUNE through the **utilisation fallback**: an active expert that never fired over the window
+  (`fired == False`: share == 0 on every step of it) is unmeasurable; its predicted delta is
+  `-lambda` (minus any stale R/I terms) and it is selected even when that does not beat
+  `min_improvement` (with the defaults lambda == min_improvement, so the threshold alone would never
+  remove a dead expert). One such candidate per layer per cycle (the lowest slot).
+- MERGE the pair with the largest `r_ef`; the survivor is the more used one. The survivor takes the
+  usage-weighted average, so Psi is predicted unchanged; N - 1; the absorbed expert's pairs leave R
+  (the survivor's pairs are kept as they are) and its excess bimodality leaves I.
+- SPLIT the most bimodal expert into two children, child j taking role j of the detector with share
+  `w_e q_j` (`q` = centroid weights) and coherence `centroid_phi_j`: the misfit changes by
+  `w_e (phi_e - q_1 centroid_phi_1 - q_2 centroid_phi_2)` (0 when centroid coherence is unknown); its
+  excess bimodality leaves I; N + 1; R is predicted unchanged (the children split the parent's pairs).
+- SPAWN when tokens are starved while the experts themselves are coherent (median phi_slow >= tau).
+  **Starvation** (`starvation_fraction`) is the fraction of real tokens that no expert fits: tokens whose
+  clean router probability mass on their top-k active experts, rescaled so that a uniform router reads 0
+  and a one-hot one reads 1, is below `starvation_confidence`. The system computes it per step from the
+  clean logits (no host sync) and passes its slow EMA in the view. A new expert is predicted to take the
+  starved fraction `s` of the traffic and to remove that fraction of the misfit: misfit delta
+  `-s * (1 - Psi)`; N + 1.
+Removing edits need `N - 1 >= min_experts_per_layer`; adding edits need `N + 1 <= max_experts_per_layer`
+and a free slot.
+
+Selection: per layer, the candidate with the lowest predicted delta_F is taken only if
+`delta_F < -min_improvement` (or it is a fallback prune); otherwise the layer does nothing. Globally,
+layers in cooldown do nothing; when the regular review is not due, only layers with an emergency flag
+are reviewed, and only additive edits (spawn, split) may be executed; then the best `max_edits_per_cycle`
+edits across layers (lowest delta_F first) are kept and the other layers do nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from .coherence import layer_coherence
+from .config import ChronoConfig
+
+ACTIONS = ("prune", "merge", "split", "spawn")
+ADDITIVE_ACTIONS = ("spawn", "split")
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class ObjectiveParams:
+    """Knobs of the slow objective that are not in ChronoConfig (defaults documented in the module)."""
+
+    bimodality_threshold: float = 0.2
+    redundancy_sharpness: float = 4.0
+    starvation_confidence: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.bimodality_threshold < 2.0:
+            raise ValueError(
+                f"bimodality_threshold={self.bimodality_threshold!r} is invalid: expected a value in [0, 2)"
+            )
+        if not self.redundancy_sharpness > 0:
+            raise ValueError(f"redundancy_sharpness={self.redundancy_sharpness!r} is invalid: expected a value > 0")
+        if not 0.0 < self.starvation_confidence < 1.0:
+            raise ValueError(
+                f"starvation_confidence={self.starvation_confidence!r} is invalid: expected a value in (0, 1)"
+            )
+
+
+@dataclass
+class LayerView:
+    """What the slow objective reads for one layer (E slots, width H). Any device; read on the host.
+
+    active [E] bool: slots in play (router unmasked), cooling experts included.
+    cooling [E] bool: born and not yet judged; never a candidate.
+    phi_slow [E]: debiased slow coherence, NaN = unmeasured. share_slow [E]: slow token share.
+    fired [E] bool: share > 0 on at least one step of the recent window (False only after a full window).
+    role [E, H]: role vectors (NaN rows = never measured). bimodality [E]: BimodalityState.bimodality.
+    coactivation [E, E]: fraction of tokens routed to both e and f over the window (diagonal: to e); for
+    top-1 routing build it from the clean router's top-2, or redundant experts that split the same tokens
+    never co-fire. starvation: slow EMA of `starvation_fraction`. observations [E]: measured steps.
+    centroid_phi / centroid_weights [2, E] (optional): BimodalityState readings for the split prediction.
+    """
+
+    layer_id: int
+    active: Tensor
+    cooling: Tensor
+    phi_slow: Tensor
+    share_slow: Tensor
+    fired: Tensor
+    role: Tensor
+    bimodality: Tensor
+    coactivation: Tensor
+    starvation: Tensor | float
+    observations: Tensor
+    centroid_phi: Tensor | None = None
+    centroid_weights: Tensor | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.active.shape[0])
+
+    def validate(self) -> LayerView:
+        e = self.num_slots
+        vectors = {
+            "active": self.active, "cooling": self.cooling, "phi_slow": self.phi_slow, "share_slow": self.share_slow,
+            "fired": self.fired, "bimodality": self.bimodality, "observations": self.observations,
+        }
+        for name, t in vectors.items():
+            if tuple(t.shape) != (e,):
+                raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected ({e},)")
+        for name in ("active", "cooling", "fired"):
+            if vectors[name].dtype != torch.bool:
+                raise ValueError(f"LayerView.{name} has dtype {vectors[name].dtype}; expected torch.bool")
+        if self.role.dim() != 2 or self.role.shape[0] != e:
+            raise ValueError(f"LayerView.role has shape {tuple(self.role.shape)}; expected ({e}, H)")
+        if tuple(self.coactivation.shape) != (e, e):
+            raise ValueError(f"LayerView.coactivation has shape {tuple(self.coactivation.shape)}; expected ({e}, {e})")
+        for name in ("centroid_phi", "centroid_weights"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (2, e):
+                raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected (2, {e})")
+        s = float(self.starvation)
+        if not 0.0 <= s <= 1.0:
+            raise ValueError(f"LayerView.starvation={s!r} is invalid: expected a fraction in [0, 1]")
+        return self
+
+    def to_host(self) -> LayerView:
+        """A validated copy on the CPU in float64 (bool masks kept)."""
+        self.validate()
+
+        def f(t: Tensor) -> Tensor:
+            return t.detach().to("cpu", torch.float64)
+
+        return LayerView(
+            layer_id=int(self.layer_id),
+            active=self.active.detach().cpu(),
+            cooling=self.cooling.detach().cpu(),
+            phi_slow=f(self.phi_slow),
+            share_slow=f(self.share_slow),
+            fired=self.fired.detach().cpu(),
+            role=f(self.role),
+            bimodality=f(self.bimodality),
+            coactivation=f(self.coactivation),
+            starvation=float(self.starvation),
+            observations=self.observations.detach().cpu().to(torch.int64),
+            centroid_phi=None if self.centroid_phi is None else f(self.centroid_phi),
+            centroid_weights=None if self.centroid_weights is None else f(self.centroid_weights),
+        )
+
+
+@dataclass(frozen=True)
+class FreeEnergy:
+    """The four weighted terms of F (or of a predicted delta_F): they sum to `total`."""
+
+    misfit: float
+    complexity: float
+    redundancy: float
+    instability: float
+
+    @property
+    def total(self) -> float:
+        return self.misfit + self.complexity + self.redundancy + self.instability
+
+
+@dataclass(frozen=True)
+class EditCandidate:
+    """One proposed edit of one layer and its predicted effect.
+
+    `expert_id`: the slot acted on (pruned expert, split parent, merge: the absorbed expert; None for
+    spawn). `partner_id`: the merge survivor. `delta`: predicted weighted component deltas.
+    """
+
+    action: str
+    layer_id: int
+    expert_id: int | None
+    F_before: float
+    delta: FreeEnergy
+    reason: str
+    partner_id: int | None = None
+    fallback: bool = False
+
+    @property
+    def delta_F(self) -> float:
+        return self.delta.total
+
+    @property
+    def F_after_predicted(self) -> float:
+        return self.F_before + self.delta_F
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """The outcome of a review of one layer: an edit, or None (do nothing), and why."""
+
+    layer_id: int
+    edit: EditCandidate | None
+    candidates: tuple[EditCandidate, ...] = field(default_factory=tuple)
+    reason: str = ""
+
+    @property
+    def do_nothing(self) -> bool:
+        return self.edit is None
+
+
+# ---------------------------------------------------------------------- per-step signal
+def starvation_fraction(
+    router_logits_clean: Tensor,
+    active_mask: Tensor,
+    top_k: int,
+    token_mask: Tensor | None = None,
+    confidence: float = ObjectiveParams.starvation_confidence,
+) -> Tensor:
+    """Fraction of real tokens that fit no expert well (a device scalar; no host sync).
+
+    `p = softmax(z_clean)` over active slots, `mass` = the token's top-k probability mass,
+    `fit = (mass - k/n) / (1 - k/n)` with n active slots (uniform router -> 0, one-hot -> 1); a token is
+    starved when `fit < confidence`. A layer with n <= k (every token reaches every expert) reads 0.
+    """
+    z = router_logits_clean.float().masked_fill(~active_mask.to(router_logits_clean.device), float("-inf"))
+    p = torch.softmax(z, dim=-1)
+    n = active_mask.sum().to(p.dtype)
+    k = min(int(top_k), int(z.shape[-1]))
+    mass = p.topk(k, dim=-1).values.sum(-1)
+    base = (k / n.clamp_min(1.0)).clamp_max(1.0)
+    fit = (mass - base) / (1.0 - base).clamp_min(_EPS)
+    starved = (fit < confidence) & (n > k)
+    real = torch.ones_like(starved) if token_mask is None else token_mask.to(starved.device).bool()
+    return (starved & real).sum().to(p.dtype) / real.sum().clamp_min(1).to(p.dtype)
+
+
+# ---------------------------------------------------------------------- free energy
+def _masks(view: LayerView) -> tuple[Tensor, Tensor]:
+    in_play = view.active | view.cooling
+    measured = in_play & torch.isfinite(view.phi_slow)
+    return in_play, measured
+
+
+def _shares(view: LayerView, measured: Tensor) -> Tensor:
+    """Slow shares renormalised over measured experts (0 elsewhere)."""
+    w = torch.where(measured, torch.nan_to_num(view.share_slow, nan=0.0).clamp_min(0.0), 0.0)
+    total = w.sum()
+    return w / total if float(total) > 0 else w
+
+
+def _psi(view: LayerView, measured: Tensor) -> float:
+    phi = torch.where(measured, view.phi_slow, float("nan"))
+    psi = float(layer_coherence(phi, _shares(view, measured)))
+    return psi if psi == psi else 0.0
+
+
+def redundancy_matrix(view: LayerView, params: ObjectiveParams | None = None) -> Tensor:
+    """[E, E] symmetric pair scores r_ef (zero diagonal, zero where either expert is unmeasured)."""
+    params = params if params is not None else ObjectiveParams()
+    view = view.to_host()
+    _, measured = _masks(view)
+    role = torch.nan_to_num(view.role, nan=0.0)
+    unit = role / role.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    cos_role = (unit @ unit.T).clamp(0.0, 1.0)
+    phi = torch.nan_to_num(view.phi_slow, nan=0.0)
+    phi_sim = (1.0 - (phi.unsqueeze(0) - phi.unsqueeze(1)).abs() / 2.0).clamp(0.0, 1.0)
+    usage = view.coactivation.diagonal().clamp_min(0.0)
+    smaller = torch.minimum(usage.unsqueeze(0), usage.unsqueeze(1))
+    overlap = torch.where(smaller > 0, view.coactivation.clamp_min(0.0) / smaller.clamp_min(_EPS), 0.0).clamp(0, 1)
+    r = (cos_role * phi_sim) ** params.redundancy_sharpness * overlap
+    pair = measured.unsqueeze(0) & measured.unsqueeze(1) & ~torch.eye(view.num_slots, dtype=torch.bool)
+    return torch.where(pair, r, 0.0)
+
+
+def _excess_bimodality(view: LayerView, in_play: Tensor, params: ObjectiveParams) -> Tensor:
+    b = torch.nan_to_num(view.bimodality, nan=0.0)
+    return torch.where(in_play, (b - params.bimodality_threshold).clamp_min(0.0), 0.0)
+
+
+def free_energy(view: LayerView, config: ChronoConfig, params: ObjectiveParams | None = None) -> FreeEnergy:
+    """F of one layer as its four weighted terms (see the module docstring)."""
+    params = params if params is not None else ObjectiveParams()
+    view = view.to_host()
+    in_play, measured = _masks(view)
+    r = redundancy_matrix(view, params)
+    return FreeEnergy(
+        misfit=1.0 - _psi(view, measured),
+        complexity=config.lambda_complexity * int(in_play.sum()),
+        redundancy=config.rho_redundancy * float(r.sum()) / 2.0,
+        instability=config.kappa_instability * float(_excess_bimodality(view, in_play, params).sum()),
+    )
+
+
+# ---------------------------------------------------------------------- candidates
+def propose_edits(
+    view: LayerView, config: ChronoConfig, params: ObjectiveParams | None = None
+) -> list[EditCandidate]:
+    """Candidate edits of one layer (at most one per kind, plus one fallback prune), each with its
+    predicted component deltas and a reason. Cooling experts are never proposed; bounds are respected."""
+    params = params if params is not None else ObjectiveParams()
+    view = view.to_host()
+    layer = view.layer_id
+    in_play, measured = _masks(view)
+    f_before = free_energy(view, config, params)
+    big_f = f_before.total
+    psi = 1.0 - f_before.misfit
+    w = _shares(view, measured)
+    r = redundancy_matrix(view, params)
+    excess = _excess_bimodality(view, in_play, params)
+    lam, rho, kappa = config.lambda_complexity, config.rho_redundancy, config.kappa_instability
+    n_in_play = int(in_play.sum())
+    can_remove = n_in_play - 1 >= config.min_experts_per_layer
+    can_add = n_in_play + 1 <= config.max_experts_per_layer and n_in_play < view.num_slots
+    eligible = view.active & ~view.cooling
+    judged = eligible & measured & (view.observations >= config.min_observations_to_flag)
+    phi = view.phi_slow
+    out: list[EditCandidate] = []
+
+    def removal(e: int) -> tuple[float, float]:
+        return -rho * float(r[e].sum()), -kappa * float(excess[e])
+
+    if can_remove:
+        # PRUNE: worst slow coherence among judged experts (not the only measured one).
+        prunable = judged & (w < 1.0 - 1e-9)
+        if bool(prunable.any()):
+            e = int(torch.where(prunable, phi, float("inf")).argmin())
+            we = float(w[e])
+            misfit = we * (float(phi[e]) - psi) / (1.0 - we)
+            red, ins = removal(e)
+            out.append(EditCandidate(
+                "prune", layer, e, big_f, FreeEnergy(misfit, -lam, red, ins),
+                f"L{layer} E{e}: worst slow coherence phi_slow={float(phi[e]):.3f} vs layer Psi={psi:.3f} "
+                f"(share {we:.3f}); its traffic is assumed to move to the other experts",
+            ))
+        # PRUNE, utilisation fallback: never fired over the window, hence unmeasurable.
+        dead = eligible & ~view.fired
+        if bool(dead.any()):
+            e = int(dead.to(torch.int8).argmax())
+            red, ins = removal(e)
+            out.append(EditCandidate(
+                "prune", layer, e, big_f, FreeEnergy(0.0, -lam, red, ins),
+                f"L{layer} E{e}: never fired over the window (share == 0 on every step; "
+                f"{int(dead.sum())} such expert(s) in the layer): utilisation fallback",
+                fallback=True,
+            ))
+        # MERGE: the most redundant pair of judged experts; the more used one survives.
+        pair_ok = judged.unsqueeze(0) & judged.unsqueeze(1)
+        rr = torch.where(pair_ok, r, 0.0)
+        if float(rr.max()) > 0:
+            flat = int(rr.argmax())
+            a, b = divmod(flat, view.num_slots)
+            share = torch.nan_to_num(view.share_slow, nan=0.0)
+            survivor, absorbed = (a, b) if (float(share[a]), -a) >= (float(share[b]), -b) else (b, a)
+            red, ins = removal(absorbed)
+            out.append(EditCandidate(
+                "merge", layer, absorbed, big_f, FreeEnergy(0.0, -lam, red, ins),
+                f"L{layer} E{absorbed} into E{survivor}: most redundant pair r={float(rr[a, b]):.3f} "
+                f"(role cos {float(_cos(view.role[a], view.role[b])):.3f}, phi_slow {float(phi[a]):.3f}/"
+                f"{float(phi[b]):.3f}, co-activation {float(view.coactivation[a, b]):.3f})",
+                partner_id=survivor,
+            ))
+    if can_add:
+        # SPLIT: the most bimodal judged expert.
+        bim = torch.where(judged, torch.nan_to_num(view.bimodality, nan=0.0), 0.0)
+        if float(bim.max()) > 0:
+            e = int(bim.argmax())
+            misfit, detail = 0.0, "centroid coherence unknown: misfit predicted unchanged"
+            if view.centroid_phi is not None and bool(torch.isfinite(view.centroid_phi[:, e]).all()):
+                q = (view.centroid_weights[:, e] if view.centroid_weights is not None
+                     else torch.full((2,), 0.5, dtype=torch.float64))
+                q = q / q.sum() if float(q.sum()) > 0 else torch.full((2,), 0.5, dtype=torch.float64)
+                phi_children = float((q * view.centroid_phi[:, e]).sum())
+                misfit = float(w[e]) * (float(phi[e]) - phi_children)
+                detail = f"children's coherence {phi_children:.3f} vs parent {float(phi[e]):.3f}"
+            out.append(EditCandidate(
+                "split", layer, e, big_f, FreeEnergy(misfit, lam, 0.0, -kappa * float(excess[e])),
+                f"L{layer} E{e}: most bimodal expert, bimodality={float(bim[e]):.3f} "
+                f"(threshold {params.bimodality_threshold}); {detail}",
+            ))
+        # SPAWN: starved tokens while the experts themselves are coherent.
+        s = float(view.starvation)
+        if s > 0 and bool(measured.any()):
+            median_phi = float(phi[measured].median())
+            if median_phi >= config.tau:
+                out.append(EditCandidate(
+                    "spawn", layer, None, big_f, FreeEnergy(-s * (1.0 - psi), lam, 0.0, 0.0),
+                    f"L{layer}: {s:.1%} of tokens fit no expert (starvation) while experts are coherent "
+                    f"(median phi_slow={median_phi:.3f} >= tau={config.tau}); misfit 1-Psi={1.0 - psi:.3f}",
+                ))
+    return out
+
+
+def _cos(u: Tensor, v: Tensor) -> Tensor:
+    u, v = torch.nan_to_num(u, nan=0.0), torch.nan_to_num(v, nan=0.0)
+    return (u * v).sum() / (u.norm() * v.norm()).clamp_min(_EPS)
+
+
+# ---------------------------------------------------------------------- selection
+def _rank(c: EditCandidate) -> tuple[float, int, int]:
+    return (c.delta_F, ACTIONS.index(c.action), -1 if c.expert_id is None else c.expert_id)
+
+
+def select_edit(
+    candidates: Sequence[EditCandidate],
+    config: ChronoConfig,
+    *,
+    layer_id: int | None = None,
+    allowed_actions: Sequence[str] = ACTIONS,
+) -> LayerDecision:
+    """The single best edit of one layer, or do nothing.
+
+    Among candidates whose action is allowed, the lowest predicted delta_F wins if
+    `delta_F < -min_improvement`, or if it is a fallback prune; otherwise the layer does nothing.
+    """
+    layers = {c.layer_id for c in candidates}
+    if layer_id is not None:
+        layers.add(layer_id)
+    if len(layers) != 1:
+        raise ValueError(f"select_edit got candidates of layers {sorted(layers)}; expected exactly one layer")
+    (layer,) = layers
+    for action in allowed_actions:
+        if action not in ACTIONS:
+            raise ValueError(f"allowed action {action!r} is invalid: expected one of {list(ACTIONS)}")
+    ranked = tuple(sorted(candidates, key=_rank))
+    allowed = [c for c in ranked if c.action in allowed_actions]
+    winners = [c for c in allowed if c.delta_F < -config.min_improvement or c.fallback]
+    if winners:
+        edit = winners[0]
+        why = ("utilisation fallback" if edit.fallback and edit.delta_F >= -config.min_improvement
+               else f"predicted delta_F={edit.delta_F:.4f} < -min_improvement={-config.min_improvement}")
+        return LayerDecision(layer, edit, ranked, f"{edit.action}: {why}")
+    if not ranked:
+        return LayerDecision(layer, None, ranked, "do nothing: no candidate edit")
+    if not allowed:
+        return LayerDecision(layer, None, ranked, f"do nothing: only {list(allowed_actions)} allowed now")
+    best = allowed[0]
+    return LayerDecision(
+        layer, None, ranked,
+        f"do nothing: best candidate {best.action} predicts delta_F={best.delta_F:.4f}, "
+        f"not below -min_improvement={-config.min_improvement}",
+    )
+
+
+def select_edits(
+    per_layer_candidates: Mapping[int, Sequence[EditCandidate]],
+    config: ChronoConfig,
+    cooldown_ok: Mapping[int, bool] | Sequence[bool],
+    emergency: Mapping[int, bool] | Sequence[bool],
+    *,
+    review_due: bool,
+) -> list[LayerDecision]:
+    """One decision per layer (sorted by layer id) under the cycle's rules.
+
+    A layer in cooldown (`cooldown_ok[layer]` False) does nothing, emergency or not. When the regular
+    review is due every action is allowed; otherwise only layers with `emergency[layer]` are reviewed, and
+    only additive edits (spawn, split) may run early: prune and merge wait for the regular review. At
+    most `max_edits_per_cycle` edits survive across layers, lowest predicted delta_F first.
+    """
+    decisions: dict[int, LayerDecision] = {}
+    for layer in sorted(per_layer_candidates):
+        candidates = per_layer_candidates[layer]
+        ranked = tuple(sorted(candidates, key=_rank))
+        if not cooldown_ok[layer]:
+            decisions[layer] = LayerDecision(layer, None, ranked, f"do nothing: layer cooling down "
+                                                                  f"(cooldown_steps={config.cooldown_steps})")
+        elif review_due:
+            decisions[layer] = select_edit(candidates, config, layer_id=layer)
+        elif emergency[layer]:
+            d = select_edit(candidates, config, layer_id=layer, allowed_actions=ADDITIVE_ACTIONS)
+            decisions[layer] = replace(d, reason=f"emergency review (only additive edits run early); {d.reason}")
+        else:
+            decisions[layer] = LayerDecision(layer, None, ranked, "do nothing: no review due")
+    chosen = sorted(
+        ((d, d.edit) for d in decisions.values() if d.edit is not None), key=lambda pair: _rank(pair[1])
+    )
+    for d, _ in chosen[config.max_edits_per_cycle:]:
+        decisions[d.layer_id] = replace(
+            d, edit=None,
+            reason=f"do nothing: cycle budget max_edits_per_cycle={config.max_edits_per_cycle} spent "
+                   f"(would have been: {d.reason})",
+        )
+    return [decisions[layer] for layer in sorted(decisions)]
