@@ -1,0 +1,289 @@
+"""One adapter interface over expert weights ("banks"), so lifecycle edits are written once.
+
+A bank exposes a fixed number of expert **slots**. Each slot's weights are a set of named tensors that
+live either as one slice of a stacked parameter (`[E, ...]` along an expert dimension: `ChronoMoELayer`,
+transformers 5.x fused experts) or as whole parameters of one per-expert module (`nn.ModuleList` /
+`nn.ModuleDict` experts). Both are described by `ParamSlots` rows, and one implementation (`ParamBank`)
+serves them all: `StackedBank`, `ModuleListBank` and `RouterBank` differ only in how they are built.
+
+`LayerBanks` bundles a layer's expert bank, its router bank and its active-mask tensor; `banks_for(module)`
+builds it from a table keyed by module class (`register_bank_factory`), so no code branches on model types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from .layers import ChronoMoELayer
+
+
+@dataclass(frozen=True)
+class ParamSlots:
+    """Where the slots of one named weight live inside one parameter.
+
+    `expert_dim` set: the parameter is stacked and slot `s` is `param.select(expert_dim, s)`.
+    `expert_dim` None: the whole parameter belongs to slot `slot` (per-expert modules).
+    """
+
+    name: str
+    param: Tensor
+    expert_dim: int | None = None
+    slot: int | None = None
+
+    def view(self, tensor: Tensor, slot: int) -> Tensor | None:
+        """The part of `tensor` (the parameter or a tensor shaped like it) that belongs to `slot`, or None."""
+        if self.expert_dim is not None:
+            return tensor.select(self.expert_dim, slot)
+        return tensor if self.slot == slot else None
+
+
+@runtime_checkable
+class ExpertBank(Protocol):
+    """What lifecycle operations need from a set of expert (or router) slots.
+
+    Implement it to manage experts stored some other way; `ParamBank` covers parameters.
+    All methods work under `torch.no_grad()` and never reallocate a parameter.
+    """
+
+    @property
+    def num_slots(self) -> int: ...
+
+    def read(self, slot: int) -> dict[str, Tensor]:
+        """A clone of slot `slot`'s weights, keyed by name."""
+        ...
+
+    def write(self, slot: int, weights: Mapping[str, Tensor]) -> None:
+        """Copy `weights` (same names and shapes as `read`) into slot `slot`."""
+        ...
+
+    def copy(self, src: int, dst: int) -> None: ...
+
+    def zero(self, slot: int) -> None: ...
+
+    def weight_rms(self, slots: Sequence[int]) -> dict[str, Tensor]:
+        """Root-mean-square of each named weight over `slots` (0-dim tensors): the init statistics."""
+        ...
+
+    def param_slots(self) -> list[ParamSlots]:
+        """The parameters and their expert layout, for optimiser surgery."""
+        ...
+
+
+class ParamBank:
+    """An `ExpertBank` over parameters described by `ParamSlots` rows (stacked or per-slot)."""
+
+    def __init__(self, rows: Sequence[ParamSlots], num_slots: int | None = None) -> None:
+        if not rows:
+            raise ValueError("a bank needs at least one parameter; got none")
+        sizes = {r.param.shape[r.expert_dim] for r in rows if r.expert_dim is not None}
+        if any(r.expert_dim is None and r.slot is None for r in rows):
+            raise ValueError("a per-slot parameter (expert_dim=None) needs its slot index; got slot=None")
+        if num_slots is None:
+            if len(sizes) != 1 or any(r.expert_dim is None for r in rows):
+                raise ValueError(f"cannot infer the slot count from expert sizes {sorted(sizes)}; pass num_slots")
+            num_slots = sizes.pop()
+        if any(s != num_slots for s in sizes):
+            raise ValueError(f"stacked parameters have expert sizes {sorted(sizes)}; expected {num_slots}")
+        for r in rows:
+            if r.slot is not None and not 0 <= r.slot < num_slots:
+                raise ValueError(f"{r.name!r} belongs to slot {r.slot}; expected a slot in [0, {num_slots})")
+        self._rows = list(rows)
+        self._num_slots = int(num_slots)
+        self._by_slot: dict[int, list[ParamSlots]] = {}
+        for s in range(self._num_slots):
+            views = [r for r in self._rows if r.expert_dim is not None or r.slot == s]
+            names = [r.name for r in views]
+            if len(set(names)) != len(names):
+                raise ValueError(f"slot {s} has duplicate weight names {names}; expected unique names")
+            self._by_slot[s] = views
+        first = sorted(r.name for r in self._by_slot[0])
+        for s, views in self._by_slot.items():
+            if sorted(r.name for r in views) != first:
+                raise ValueError(f"slot {s} holds weights {sorted(r.name for r in views)}; expected {first}")
+
+    @property
+    def num_slots(self) -> int:
+        return self._num_slots
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self._by_slot[0]]
+
+    def _check_slot(self, slot: int) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self._num_slots:
+            raise ValueError(f"slot={slot!r} is out of range: expected an integer in [0, {self._num_slots})")
+
+    def _views(self, slot: int) -> dict[str, Tensor]:
+        self._check_slot(slot)
+        out: dict[str, Tensor] = {}
+        for r in self._by_slot[slot]:
+            view = r.view(r.param, slot)
+            assert view is not None
+            out[r.name] = view
+        return out
+
+    def read(self, slot: int) -> dict[str, Tensor]:
+        return {name: v.detach().clone() for name, v in self._views(slot).items()}
+
+    @torch.no_grad()
+    def write(self, slot: int, weights: Mapping[str, Tensor]) -> None:
+        views = self._views(slot)
+        if set(weights) != set(views):
+            raise ValueError(f"weights have names {sorted(weights)}; expected {sorted(views)}")
+        for name, v in views.items():
+            if tuple(weights[name].shape) != tuple(v.shape):
+                raise ValueError(
+                    f"weight {name!r} has shape {tuple(weights[name].shape)}; expected {tuple(v.shape)}"
+                )
+        for name, v in views.items():
+            v.copy_(weights[name])
+
+    @torch.no_grad()
+    def copy(self, src: int, dst: int) -> None:
+        src_views, dst_views = self._views(src), self._views(dst)
+        for name, v in dst_views.items():
+            v.copy_(src_views[name])
+
+    @torch.no_grad()
+    def zero(self, slot: int) -> None:
+        for v in self._views(slot).values():
+            v.zero_()
+
+    @torch.no_grad()
+    def weight_rms(self, slots: Sequence[int]) -> dict[str, Tensor]:
+        if not slots:
+            raise ValueError("weight_rms needs at least one slot; got none")
+        for s in slots:
+            self._check_slot(s)
+        out: dict[str, Tensor] = {}
+        for r in self._by_slot[slots[0]]:
+            if r.expert_dim is not None:
+                idx = torch.as_tensor(list(slots), device=r.param.device)
+                out[r.name] = r.param.index_select(r.expert_dim, idx).float().square().mean().sqrt()
+        for name in self.names:
+            if name not in out:
+                views = [self._views(s)[name].float() for s in slots]
+                out[name] = torch.stack([v.square().mean() for v in views]).mean().sqrt()
+        return out
+
+    def param_slots(self) -> list[ParamSlots]:
+        return list(self._rows)
+
+
+class StackedBank(ParamBank):
+    """Slots as slices of stacked parameters: `{name: (parameter, expert_dim)}`.
+
+    E.g. `ChronoMoELayer` (`w_gate [E,H,I]`, ...), Mixtral 5.x (`gate_up_proj [E,2I,H]`, `down_proj [E,H,I]`),
+    GPT-OSS (with `gate_up_proj_bias [E,2I]`, `down_proj_bias [E,H]`).
+    """
+
+    def __init__(self, params: Mapping[str, tuple[Tensor, int]]) -> None:
+        rows = []
+        for name, (param, dim) in params.items():
+            if not -param.dim() <= dim < param.dim():
+                raise ValueError(f"expert_dim={dim} of {name!r} is out of range for shape {tuple(param.shape)}")
+            rows.append(ParamSlots(name, param, expert_dim=dim % param.dim()))
+        super().__init__(rows)
+
+
+class ModuleListBank(ParamBank):
+    """Slots as per-expert modules of an `nn.ModuleList` (slot = index) or `nn.ModuleDict` (slot = order)."""
+
+    def __init__(self, experts: nn.ModuleList | nn.ModuleDict) -> None:
+        modules = list(experts.values()) if isinstance(experts, nn.ModuleDict) else list(experts)
+        if not modules:
+            raise ValueError("the expert container is empty; expected at least one expert module")
+        rows = [
+            ParamSlots(name, param, expert_dim=None, slot=s)
+            for s, module in enumerate(modules)
+            for name, param in module.named_parameters()
+        ]
+        super().__init__(rows, num_slots=len(modules))
+
+
+class RouterBank(ParamBank):
+    """Router rows: `weight [E, H]` row and, where the router has one, `bias [E]` entry."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        if weight.dim() != 2:
+            raise ValueError(f"router weight has shape {tuple(weight.shape)}; expected [E, H]")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"router bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)")
+        rows = [ParamSlots("weight", weight, expert_dim=0)]
+        if bias is not None:
+            rows.append(ParamSlots("bias", bias, expert_dim=0))
+        super().__init__(rows)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> RouterBank:
+        return cls(linear.weight, linear.bias)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+
+@dataclass
+class LayerBanks:
+    """Everything an edit touches in one MoE layer: expert weights, router rows, and the active mask."""
+
+    experts: ExpertBank
+    router: RouterBank
+    active_mask: Tensor  # bool [E], edited in place (the layer's own buffer)
+
+    def __post_init__(self) -> None:
+        e = self.experts.num_slots
+        if self.router.num_slots != e:
+            raise ValueError(f"router has {self.router.num_slots} rows; expected {e} to match the expert slots")
+        if tuple(self.active_mask.shape) != (e,) or self.active_mask.dtype != torch.bool:
+            raise ValueError(
+                f"active_mask has shape {tuple(self.active_mask.shape)} and dtype {self.active_mask.dtype}; "
+                f"expected ({e},) bool"
+            )
+
+    @property
+    def num_slots(self) -> int:
+        return self.experts.num_slots
+
+    def param_slots(self) -> list[ParamSlots]:
+        """Expert and router parameters with their slot layout (what optimiser surgery edits)."""
+        return self.experts.param_slots() + self.router.param_slots()
+
+
+BankFactory = Callable[[nn.Module], LayerBanks]
+_FACTORIES: dict[type, BankFactory] = {}
+
+
+def register_bank_factory(cls: type, fn: BankFactory) -> None:
+    """Teach `banks_for` a module class (subclasses inherit it unless registered themselves)."""
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise ValueError(f"cls={cls!r} is invalid: expected an nn.Module subclass")
+    _FACTORIES[cls] = fn
+
+
+def banks_for(module: nn.Module) -> LayerBanks:
+    """The `LayerBanks` of an MoE layer, from the factory registered for its class (or nearest base)."""
+    for cls in type(module).__mro__:
+        fn = _FACTORIES.get(cls)
+        if fn is not None:
+            return fn(module)
+    known = sorted(c.__name__ for c in _FACTORIES)
+    raise ValueError(
+        f"no bank factory for {type(module).__name__}; expected one of {known} or a class registered "
+        "with register_bank_factory"
+    )
+
+
+def _chrono_layer_banks(module: nn.Module) -> LayerBanks:
+    assert isinstance(module, ChronoMoELayer)
+    experts = StackedBank({"w_gate": (module.w_gate, 0), "w_up": (module.w_up, 0), "w_down": (module.w_down, 0)})
+    return LayerBanks(experts, RouterBank.from_linear(module.router), module.active_mask)
+
+
+register_bank_factory(ChronoMoELayer, _chrono_layer_banks)

@@ -1,0 +1,180 @@
+"""Shared pieces of the lifecycle operations: the edit record, validation, and the weight math."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..banks import LayerBanks
+from ..registry import EditError, ExpertRegistry, Parked
+
+if TYPE_CHECKING:
+    from .optimizer import OptimizerSurgery
+
+LOG2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """What one operation changed in one layer.
+
+    `fresh_slots`: slots unmasked by this edit; their per-slot state (optimiser moments, coherence clocks,
+    slow bias beta) must start fresh. `parked_slots`: slots masked by this edit; their per-slot state is
+    dead. `kept_slots`: slots whose weights changed but whose per-slot state carries over (merge survivor,
+    split child in the parent's slot). `logit_shift`: the routing-logit shift per slot that preserves
+    routing mass; applied to the router bias when `logit_shift_applied`, otherwise (router without bias)
+    the caller should add it to the slot's logit bias (beta).
+    """
+
+    kind: str
+    layer: int
+    step: int
+    born_ids: tuple[str, ...] = ()
+    ended_ids: tuple[str, ...] = ()
+    parent_id: str | None = None
+    fresh_slots: tuple[int, ...] = ()
+    parked_slots: tuple[int, ...] = ()
+    kept_slots: tuple[int, ...] = ()
+    logit_shift: Mapping[int, float] = field(default_factory=dict)
+    logit_shift_applied: bool = False
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        """Every slot whose weights or mask changed."""
+        return tuple(sorted(set(self.fresh_slots) | set(self.parked_slots) | set(self.kept_slots)))
+
+
+# ---------------------------------------------------------------------- validation (no side effects)
+def check_edit(
+    registry: ExpertRegistry, banks: LayerBanks, layer: int, step: int, optimizer: OptimizerSurgery | None
+) -> None:
+    """What every operation checks first: the step, the layer and its banks, the optimiser wiring."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise EditError(f"step={step!r} is invalid: expected an integer >= 0")
+    check_layer_banks(registry, banks, layer)
+    if optimizer is not None:
+        optimizer.check(banks)
+
+
+def check_layer_banks(registry: ExpertRegistry, banks: LayerBanks, layer: int) -> None:
+    """The banks belong to `layer`: same slot count, and the mask agrees with the registry (a host sync)."""
+    registry.check_layer(layer)
+    n = registry.num_slots(layer)
+    if banks.num_slots != n:
+        raise EditError(f"banks have {banks.num_slots} slots; expected {n} for layer {layer} of the registry")
+    expected = registry.active_mask(layer)
+    if not torch.equal(banks.active_mask.detach().cpu(), expected):
+        got = banks.active_mask.detach().cpu().nonzero().flatten().tolist()
+        raise EditError(
+            f"layer {layer}'s active mask has live slots {got}; expected {registry.live_slots(layer)} "
+            "(the registry's): was the mask edited outside the lifecycle operations?"
+        )
+
+
+def check_can_add(registry: ExpertRegistry, layer: int) -> None:
+    live, cap = registry.num_live(layer), registry.max_live(layer)
+    if live + 1 > cap:
+        raise EditError(
+            f"layer {layer} has {live} live experts; adding one would exceed the maximum {cap} "
+            f"(max_experts_per_layer={registry.config.max_experts_per_layer}, {registry.num_slots(layer)} slots)"
+        )
+
+
+def check_can_remove(registry: ExpertRegistry, layer: int) -> None:
+    live, low = registry.num_live(layer), registry.config.min_experts_per_layer
+    if live - 1 < low:
+        raise EditError(
+            f"layer {layer} has {live} live experts; removing one would go below min_experts_per_layer={low}"
+        )
+
+
+def choose_free_slot(registry: ExpertRegistry, layer: int, slot: int | None) -> int:
+    """`slot` if it is free, else (slot None) the lowest free slot."""
+    if slot is None:
+        free = registry.free_slots(layer)
+        if not free:
+            raise EditError(f"layer {layer} has no free slot: all {registry.num_slots(layer)} slots are live")
+        return free[0]
+    registry.check_slot(layer, slot)
+    holder = registry.expert_at(layer, slot)
+    if holder is not None:
+        raise EditError(f"slot {slot} of layer {layer} holds {holder.expert_id}: expected a free slot")
+    return slot
+
+
+def check_scale(scale: float) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale >= 0):
+        raise EditError(f"perturbation scale={scale!r} is invalid: expected a finite number >= 0")
+    return float(scale)
+
+
+# ---------------------------------------------------------------------- weight math (pure)
+def relative_noise(
+    weights: Mapping[str, Tensor], scale: float, generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """`scale * rms(w) * N(0, 1)` for each tensor (noise relative to the tensor's own size)."""
+    out = {}
+    for name, w in weights.items():
+        rms = w.float().square().mean().sqrt()
+        noise = torch.randn(w.shape, generator=generator, device=w.device, dtype=torch.float32)
+        out[name] = (noise * (scale * rms)).to(w.dtype)
+    return out
+
+
+def random_like_rms(
+    template: Mapping[str, Tensor], rms: Mapping[str, Tensor], generator: torch.Generator | None = None
+) -> dict[str, Tensor]:
+    """Fresh Gaussian weights shaped like `template` with root-mean-square `rms[name]`."""
+    return {
+        name: (torch.randn(w.shape, generator=generator, device=w.device, dtype=torch.float32) * rms[name]).to(w.dtype)
+        for name, w in template.items()
+    }
+
+
+def weighted_average(a: Mapping[str, Tensor], b: Mapping[str, Tensor], wa: float, wb: float) -> dict[str, Tensor]:
+    """`wa * a + wb * b` per tensor, computed in fp32 (weights already normalised)."""
+    return {name: (wa * a[name].float() + wb * b[name].float()).to(a[name].dtype) for name in a}
+
+
+def normalise_usage(usage: tuple[float, float]) -> tuple[float, float]:
+    """Token shares -> convex weights; (0, 0) means equal weights."""
+    if len(usage) != 2:
+        raise EditError(f"usage={usage!r} is invalid: expected two weights (survivor, absorbed)")
+    ws, wa = (float(u) for u in usage)
+    if not (math.isfinite(ws) and math.isfinite(wa) and ws >= 0 and wa >= 0):
+        raise EditError(f"usage={usage!r} is invalid: expected two finite weights >= 0")
+    total = ws + wa
+    return (0.5, 0.5) if total == 0 else (ws / total, wa / total)
+
+
+# ---------------------------------------------------------------------- shared effects
+def read_parked(banks: LayerBanks, slot: int) -> Parked:
+    """Clones of a slot's expert weights and router row, the unit the archive stores."""
+    return {"experts": banks.experts.read(slot), "router": banks.router.read(slot)}
+
+
+@torch.no_grad()
+def clear_slot(banks: LayerBanks, slot: int) -> None:
+    """Mask a slot and zero its weights and router row (masked slots hold zeros; see OptimizerSurgery)."""
+    banks.active_mask[slot] = False
+    banks.experts.zero(slot)
+    banks.router.zero(slot)
+
+
+@torch.no_grad()
+def fill_slot(banks: LayerBanks, slot: int, parked: Parked) -> None:
+    """Write expert weights and router row into a slot and unmask it."""
+    banks.experts.write(slot, parked["experts"])
+    banks.router.write(slot, parked["router"])
+    banks.active_mask[slot] = True
+
+
+def finish(record: EditRecord, banks: LayerBanks, optimizer: OptimizerSurgery | None) -> EditRecord:
+    if optimizer is not None:
+        optimizer.apply(banks, record)
+    return record
