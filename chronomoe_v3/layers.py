@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .config import BIAS_MODES
+from .bias import SlowBias, route_with_bias
+from .config import BIAS_MODES, ChronoConfig
 from .grouped import grouped_mm
 from .routing import Routing, route_topk
 from .trace import MoETrace
@@ -36,6 +37,9 @@ class ChronoMoELayer(nn.Module):
     choices before any second choice); dropped slots contribute nothing (the residual carries the token).
     Observers added with `add_observer` receive an `MoETrace` of every training forward (and of eval
     forwards when `observe_eval` is set), built from tensors the forward computes anyway.
+    With a `slow_bias` attached (`attach_slow_bias`), its beta is added to the router logits, the bridge
+    detector runs on every forward (`trace.bridge`) and, when the config's `bridge_veto` is on, the veto
+    scales the gate weights.
     """
 
     active_mask: Tensor
@@ -90,6 +94,7 @@ class ChronoMoELayer(nn.Module):
         active[:n_active] = True
         self.register_buffer("active_mask", active)
         self.lens: nn.Module | None = None
+        self.slow_bias: SlowBias | None = None
         self._observers: OrderedDict[int, Observer] = OrderedDict()
         self.reset_parameters()
 
@@ -109,6 +114,14 @@ class ChronoMoELayer(nn.Module):
         self._observers[handle.id] = fn
         return handle
 
+    def attach_slow_bias(self, config: ChronoConfig | None = None) -> SlowBias:
+        """Give the layer a slow routing bias (beta 0 for every slot) and route with `config.bias_mode`.
+        Returns it; advance it with `slow_bias.update(phi_slow, layer.active_mask)`."""
+        bias = SlowBias(self.max_experts, config, device=self.active_mask.device)
+        self.slow_bias = bias
+        self.bias_mode = bias.config.bias_mode
+        return bias
+
     @property
     def num_active(self) -> int:
         """Active slot count (reads the mask: a host sync; not for the per-step path)."""
@@ -121,12 +134,24 @@ class ChronoMoELayer(nn.Module):
         up = _grouped_matmul(x, self.w_up, offsets)
         return _grouped_matmul(F.silu(gate) * up, self.w_down, offsets)
 
-    def route(self, hidden: Tensor, router_bias: Tensor | None = None) -> Routing:
+    def route(
+        self, hidden: Tensor, router_bias: Tensor | None = None, token_mask: Tensor | None = None
+    ) -> Routing:
+        """Routing of `hidden [T,H]`. With a slow bias attached, `beta` (plus `router_bias`, if given) is the
+        bias, `routing.bridge` holds the bridge report (`token_mask [T]` excludes padding from its means)
+        and the gate weights are vetoed when the config says so."""
         router_in = self.lens(hidden) if self.lens is not None else hidden
         logits = self.router(router_in)
-        return route_topk(
-            logits, self.top_k, self.active_mask, bias=router_bias, mode=self.bias_mode,
-            normalize=self.normalize_topk,
+        if self.slow_bias is None:
+            return route_topk(
+                logits, self.top_k, self.active_mask, bias=router_bias, mode=self.bias_mode,
+                normalize=self.normalize_topk,
+            )
+        beta = self.slow_bias.beta
+        bias = beta if router_bias is None else beta + router_bias.to(beta.dtype)
+        return route_with_bias(
+            logits, self.top_k, self.active_mask, bias, mode=self.bias_mode, normalize=self.normalize_topk,
+            veto=self.slow_bias.config.bridge_veto, token_mask=token_mask,
         )
 
     def _capacity_keep(self, topk_index: Tensor) -> Tensor:
@@ -165,7 +190,7 @@ class ChronoMoELayer(nn.Module):
             if tuple(token_mask.shape) != tuple(lead):
                 raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}; expected {tuple(lead)}")
             mask = token_mask.reshape(t).to(torch.bool)
-        routing = self.route(hidden, router_bias)
+        routing = self.route(hidden, router_bias, mask)
         index, weight = routing.topk_index, routing.topk_weight
         keep = self.active_mask[index]  # guards the case of fewer active experts than top_k
         if self.capacity_factor is not None:
@@ -196,6 +221,7 @@ class ChronoMoELayer(nn.Module):
                 router_logits_clean=routing.logits_clean.detach(),
                 router_logits_biased=routing.logits_biased.detach(),
                 layer_id=self.layer_id,
+                bridge=routing.bridge.detach() if routing.bridge is not None else None,
             )
             for fn in self._observers.values():
                 fn(trace)

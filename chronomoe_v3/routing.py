@@ -9,11 +9,15 @@ are chosen; gate weights come from the clean logits, as in aux-loss-free balanci
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .config import BIAS_MODES
+
+if TYPE_CHECKING:
+    from .bias import BridgeReport
 
 
 @dataclass
@@ -26,6 +30,7 @@ class Routing:
     logits_biased: Tensor  # [T, E] masked biased logits (fp32); equals logits_clean without a bias
     probs_clean: Tensor  # [T, E] softmax of the masked clean logits
     probs_biased: Tensor  # [T, E] softmax of the masked biased logits
+    bridge: BridgeReport | None = None  # overlap safety of the bias (set by `bias.route_with_bias`)
 
 
 def mask_logits(logits: Tensor, active_mask: Tensor | None) -> Tensor:
@@ -42,11 +47,14 @@ def route_topk(
     bias: Tensor | None = None,
     mode: str = "logits",
     normalize: bool = True,
+    check_values: bool = False,
 ) -> Routing:
     """Route with the softmax -> top-k (-> renormalise) rule (Mixtral; Qwen/OLMoE with norm_topk_prob).
 
     `logits [T,E]` are the clean router logits; `bias [E]` is added in fp32. Works for any router that
-    produces logits, not only ChronoMoELayer's. No host synchronisation.
+    produces logits, not only ChronoMoELayer's. No host synchronisation, unless `check_values` asks for
+    the logits and the bias to be checked finite (a read of device values: for explicit API calls and
+    tests, not for the per-step path).
     """
     if mode not in BIAS_MODES:
         raise ValueError(f"mode={mode!r} is invalid: expected one of {list(BIAS_MODES)}")
@@ -59,10 +67,14 @@ def route_topk(
         raise ValueError(
             f"active_mask has shape {tuple(active_mask.shape)} and dtype {active_mask.dtype}; expected ({e},) bool"
         )
+    if bias is not None and tuple(bias.shape) != (e,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({e},) to match the logits' width")
+    if check_values:
+        for name, value in (("logits", logits), ("bias", bias)):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} holds non-finite values; expected finite {name}")
     z_clean = mask_logits(logits.float(), active_mask)
     if bias is not None:
-        if tuple(bias.shape) != (e,):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({e},) to match the logits' width")
         z_biased = mask_logits(logits.float() + bias.float(), active_mask)
     else:
         z_biased = z_clean

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .bias import BridgeReport
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -35,6 +39,7 @@ class MoETrace:
     router_logits_clean: Tensor | None = None
     router_logits_biased: Tensor | None = None
     layer_id: int | None = None
+    bridge: BridgeReport | None = None  # overlap safety of the slow bias, when the layer routes with one
 
     @property
     def num_tokens(self) -> int:

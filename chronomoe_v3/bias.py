@@ -1,0 +1,324 @@
+"""The locus: slow routing bias beta (SPEC 4) and overlap safety, the bridge detector (SPEC 5).
+
+Experts that stay coherent earn a small persistent routing advantage:
+`beta_e <- clip(beta_e + eta * (Phi_slow_e - tau), beta_min, beta_max)` for measured, active experts, then
+(optionally, default on) a centring shift over the active experts. `slow_bias_update` is that rule as a pure
+function; `SlowBias` is the thin module that owns the fp32 `beta [E]` buffer.
+
+The bridge detector compares, per token, the clean routing `p_clean = softmax(z_clean)` with the biased one
+`p_biased = softmax(z_clean + beta)` so that beta can only amplify what the input already supports:
+the *support* `s(e) = clamp(p_clean(e) / p_biased(e), 0, 1)` multiplies an expert's gate (the veto),
+`overlap_only(e) = max(0, p_biased(e) - p_clean(e))` is the mass beta moved onto e, the *relevance*
+`r = mean over real tokens of sum_e p_biased(e) * s(e)` (= 1 - mean total-variation distance between the
+two routings) feeds the fast/mid clock retentions, and the Jaccard index of the clean and biased top-k
+sets is a secondary trigger. `route_with_bias` does routing, detector and veto in one call, for any router.
+
+Choices (docs/slow_bias.md):
+- Clip, then centre. The centring shift `c` is the one that gives the active betas mean 0 *while staying
+  inside [beta_min, beta_max]* (`beta_e <- clip(beta_e - c)`; when no bound binds, `c` is the plain mean,
+  a common shift that leaves every softmax unchanged). Both invariants then hold after every update.
+- The support ratio is computed in log space, `exp(min(0, log p_clean - log p_biased))`: the `eps -> 0`
+  limit of SPEC's `p_clean / (p_biased + eps)`, exact (1 when beta is 0, so a zero beta changes nothing)
+  and free of underflow for experts with tiny probabilities.
+- Relevance is the mean over real tokens (padding excluded) of the support averaged over the active
+  experts *with the biased routing probabilities as weights*. An unweighted mean over experts would give
+  the same voice to experts a token never reaches; since `p_clean(e) / p_biased(e) =
+  E_{p_clean}[exp(beta)] / exp(beta_e)`, it would be nearly a function of beta alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import ChronoConfig
+from .routing import Routing, route_topk
+
+
+def _check_vector(name: str, value: Tensor, width: int | None, dtype: torch.dtype | None = None) -> int:
+    if not isinstance(value, Tensor) or value.dim() != 1 or (width is not None and value.shape[0] != width):
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        expected = f"({width},)" if width is not None else "[E]"
+        raise ValueError(f"{name} has shape {shape}; expected {expected}")
+    if dtype is not None and value.dtype != dtype:
+        raise ValueError(f"{name} has dtype {value.dtype}; expected {dtype}")
+    if dtype is None and not value.is_floating_point():
+        raise ValueError(f"{name} has dtype {value.dtype}; expected a floating dtype")
+    return int(value.shape[0])
+
+
+# ---------------------------------------------------------------------- the update rule (pure functions)
+def center_beta(beta: Tensor, active_mask: Tensor, beta_min: float, beta_max: float) -> Tensor:
+    """Shift the active betas so that their mean is 0 while each stays in [beta_min, beta_max].
+
+    Returns `where(active, clip(beta - c, beta_min, beta_max), beta)` with the scalar `c` solving
+    `sum_active clip(beta_e - c) = 0`. That sum is piecewise linear and non-increasing in `c`, with
+    breakpoints at `beta_e - beta_max` and `beta_e - beta_min`, so `c` is found exactly by evaluating it at
+    every breakpoint and interpolating on the piece where it changes sign ([2E, E] work, no host sync).
+    Such a `c` exists because the bounds contain 0. When no bound binds, `c` is the mean of the active betas.
+    Inactive slots are returned unchanged; with no active slot nothing changes.
+    """
+    b = beta.float()
+    active = active_mask.to(device=b.device, dtype=torch.bool)
+    candidates = torch.sort(torch.cat([b - beta_max, b - beta_min])).values  # [2E]
+    clipped = (b.unsqueeze(0) - candidates.unsqueeze(1)).clamp(beta_min, beta_max)  # [2E, E]
+    g = torch.where(active.unsqueeze(0), clipped, torch.zeros_like(clipped)).sum(1)  # non-increasing
+    last = candidates.shape[0] - 1
+    j = ((g >= 0).sum() - 1).clamp(0, last).view(1)
+    j1 = (j + 1).clamp_max(last)
+    # gather, not `candidates[j]`: indexing with a tensor scalar would read it on the host
+    s0, s1, g0, g1 = candidates.gather(0, j), candidates.gather(0, j1), g.gather(0, j), g.gather(0, j1)
+    drop = g0 - g1
+    c = torch.where(drop > 0, s0 + g0 * (s1 - s0) / torch.where(drop > 0, drop, torch.ones_like(drop)), s0)
+    return torch.where(active, (b - c).clamp(beta_min, beta_max), b)
+
+
+def slow_bias_update(
+    beta: Tensor,
+    phi_slow: Tensor,
+    active_mask: Tensor | None = None,
+    *,
+    eta: float,
+    tau: float,
+    beta_min: float,
+    beta_max: float,
+    center: bool = True,
+    check_values: bool = True,
+) -> Tensor:
+    """One slow-bias step (SPEC 4); returns the new fp32 beta `[E]` and leaves its inputs untouched.
+
+    `beta_e <- clip(beta_e + eta * (phi_slow_e - tau), beta_min, beta_max)` for experts that are active and
+    measured (finite `phi_slow`); others keep their beta, so a NaN phi never reaches beta. Then, with
+    `center`, `center_beta` over the active experts (clip first, then a bound-respecting centring).
+
+    Shapes and dtypes are always checked (free). With `check_values` (default, for direct calls) the
+    incoming beta must also be finite: a read of device values, i.e. a host sync, which
+    `SlowBias.update` skips in the per-step path (its beta is checked where it is written).
+    """
+    e = _check_vector("beta", beta, None)
+    _check_vector("phi_slow", phi_slow, e)
+    if active_mask is not None:
+        _check_vector("active_mask", active_mask, e, torch.bool)
+    if check_values and not bool(torch.isfinite(beta).all()):
+        raise ValueError("beta holds non-finite values; expected finite slow biases")
+    b = beta.float()
+    phi = phi_slow.to(device=b.device, dtype=torch.float32)
+    active = (
+        torch.ones(e, dtype=torch.bool, device=b.device) if active_mask is None else active_mask.to(b.device)
+    )
+    measured = torch.isfinite(phi) & active
+    step = eta * (torch.where(measured, phi, torch.full_like(phi, tau)) - tau)
+    new = torch.where(measured, (b + step).clamp(beta_min, beta_max), b)
+    if center:
+        new = center_beta(new, active, beta_min, beta_max)
+    return new
+
+
+# ---------------------------------------------------------------------- state
+class SlowBias(nn.Module):
+    """One layer's slow routing bias: a persistent fp32 buffer `beta [E_max]` and its update.
+
+    Attach it to a `ChronoMoELayer` with `layer.attach_slow_bias(config)` (or route any router's logits
+    with `route_with_bias(logits, ..., beta=slow_bias.beta)`); advance it with
+    `slow_bias.update(coherence_state.phi_slow, layer.active_mask)`. `beta` stays fp32 when the model is
+    cast (`.half()`, `.to(torch.bfloat16)`): only its device follows the cast. Values are checked where
+    they enter (constructor, `set_beta`, `load_state_dict`); the per-step `update` does no host sync.
+    """
+
+    beta: Tensor
+
+    def __init__(
+        self,
+        num_experts: int,
+        config: ChronoConfig | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts={num_experts!r} is invalid: expected an integer >= 1")
+        if config is not None and not isinstance(config, ChronoConfig):
+            raise ValueError(f"config is a {type(config).__name__}; expected a ChronoConfig")
+        self.config = config if config is not None else ChronoConfig()
+        self.register_buffer("beta", torch.zeros(num_experts, dtype=torch.float32, device=device))
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.beta.shape[0])
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"num_experts={self.num_experts}, eta={c.eta_beta}, tau={c.tau}, clip=[{c.beta_min}, {c.beta_max}], "
+            f"center={c.beta_center}, mode={c.bias_mode!r}, veto={c.bridge_veto}"
+        )
+
+    @torch.no_grad()
+    def update(self, phi_slow: Tensor, active_mask: Tensor | None = None) -> Tensor:
+        """Apply one step of the update rule in place (tensor ops only, no host sync); returns `beta`."""
+        c = self.config
+        new = slow_bias_update(
+            self.beta, phi_slow, active_mask, eta=c.eta_beta, tau=c.tau, beta_min=c.beta_min,
+            beta_max=c.beta_max, center=c.beta_center, check_values=False,
+        )
+        self.beta.copy_(new)
+        return self.beta
+
+    @torch.no_grad()
+    def set_beta(self, values: Tensor | float, experts: Tensor | None = None) -> None:
+        """Write `values` (a number or `[E]`) into the slots selected by `experts` (bool `[E]`; all when None),
+        e.g. a newborn expert's starting bias. Checked: finite and within [beta_min, beta_max] (host sync)."""
+        e = self.num_experts
+        v = torch.as_tensor(values, dtype=torch.float32, device=self.beta.device)
+        if v.dim() == 0:
+            v = v.expand(e)
+        _check_vector("beta", v, e)
+        if experts is not None:
+            _check_vector("experts", experts, e, torch.bool)
+        self._check_values(v if experts is None else v[experts.to(v.device)])
+        mask = torch.ones(e, dtype=torch.bool, device=v.device) if experts is None else experts.to(v.device)
+        self.beta.copy_(torch.where(mask, v, self.beta))
+
+    def _check_values(self, beta: Tensor) -> None:
+        c = self.config
+        if not bool(torch.isfinite(beta).all()):
+            raise ValueError("beta holds non-finite values; expected finite slow biases")
+        if beta.numel() and (float(beta.min()) < c.beta_min or float(beta.max()) > c.beta_max):
+            raise ValueError(
+                f"beta holds values in [{float(beta.min())}, {float(beta.max())}]; expected values within "
+                f"[beta_min={c.beta_min}, beta_max={c.beta_max}]"
+            )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key = prefix + "beta"
+        if key in state_dict:
+            _check_vector("beta", state_dict[key], self.num_experts)
+            self._check_values(state_dict[key].float())
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SlowBias:
+        # A model-wide cast (`.half()`, `.to(torch.bfloat16)`) must not round beta: keep the fp32 values and
+        # take only the device the cast chose.
+        beta = self.beta
+        super()._apply(fn, recurse)
+        if self.beta.dtype != torch.float32:
+            self.beta = beta.to(device=self.beta.device, dtype=torch.float32)
+        return self
+
+
+# ---------------------------------------------------------------------- overlap safety
+@dataclass
+class BridgeReport:
+    """How much of a biased routing the input itself supports, for T tokens over E slots (SPEC 5).
+
+    support `[T,E]`: `clamp(p_clean / p_biased, 0, 1)`, the veto factor (1 for inactive slots);
+    overlap_only `[T,E]`: `max(0, p_biased - p_clean)`, routing mass that only the bias put there;
+    relevance `[]`: mean over real tokens of `sum_e p_biased(e) * support(e)` (= 1 - mean TV distance);
+    jaccard `[T]`: |clean top-k ∩ biased top-k| / |clean top-k ∪ biased top-k|; jaccard_mean `[]` over real
+    tokens; topk_index_clean `[T,K]`: the top-k the clean logits alone would choose; gate_support `[T,K]`:
+    the support of each selected slot (the factor the veto applies, or would apply, to its gate).
+    All device tensors; building the report needs no host sync.
+    """
+
+    support: Tensor
+    overlap_only: Tensor
+    relevance: Tensor
+    jaccard: Tensor
+    jaccard_mean: Tensor
+    topk_index_clean: Tensor
+    gate_support: Tensor
+
+    def detach(self) -> BridgeReport:
+        """A copy cut from the autograd graph (what a trace carries)."""
+        return BridgeReport(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
+
+
+def bridge_report(routing: Routing, token_mask: Tensor | None = None) -> BridgeReport:
+    """The bridge detector for one routing (its masked clean and biased logits). `token_mask [T]` bool
+    (True = real token) excludes padding from the means; with no real token, relevance and jaccard_mean
+    read 1 (no evidence of bridging)."""
+    z_clean, z_biased = routing.logits_clean, routing.logits_biased
+    t, k = routing.topk_index.shape
+    if token_mask is not None:
+        if tuple(token_mask.shape) != (t,) or token_mask.dtype != torch.bool:
+            raise ValueError(
+                f"token_mask has shape {tuple(token_mask.shape)} and dtype {token_mask.dtype}; expected ({t},) bool"
+            )
+    reachable = torch.isfinite(z_clean) & torch.isfinite(z_biased)
+    log_ratio = torch.log_softmax(z_clean, -1) - torch.log_softmax(z_biased, -1)  # NaN at masked slots
+    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+    # Sanitise before exp, not after: a NaN inside the unused branch of a `where` poisons its gradient.
+    log_ratio = torch.where(reachable, torch.minimum(log_ratio, zero), zero)
+    support = torch.where(reachable, torch.exp(log_ratio), torch.ones_like(log_ratio))
+    p_clean, p_biased = routing.probs_clean, routing.probs_biased
+    overlap_only = (p_biased - p_clean).clamp_min(0.0)
+    # sum_e p_biased * support, written as 1 - sum_e p_biased * (1 - support) so that it is exactly 1 at beta 0
+    per_token = 1.0 - (p_biased * (1.0 - support)).sum(-1)
+    topk_clean = torch.topk(z_clean, k, dim=-1).indices
+    inter = (topk_clean.unsqueeze(2) == routing.topk_index.unsqueeze(1)).any(-1).sum(-1).float()
+    jaccard = inter / (2 * k - inter)
+    if token_mask is None:
+        weights = torch.full((t,), 1.0 / t, device=per_token.device)
+    else:
+        real = token_mask.to(per_token.dtype)
+        weights = real / real.sum().clamp_min(1.0)
+    empty = weights.sum() <= 0
+    one = torch.ones((), dtype=per_token.dtype, device=per_token.device)
+    relevance = torch.where(empty, one, (weights * per_token).sum().clamp(0.0, 1.0))
+    jaccard_mean = torch.where(empty, one, (weights * jaccard).sum())
+    return BridgeReport(
+        support=support,
+        overlap_only=overlap_only,
+        relevance=relevance,
+        jaccard=jaccard,
+        jaccard_mean=jaccard_mean,
+        topk_index_clean=topk_clean,
+        gate_support=support.gather(1, routing.topk_index),
+    )
+
+
+def apply_veto(topk_weight: Tensor, gate_support: Tensor, renormalize: bool = False) -> Tensor:
+    """The bridge veto: `g_eff = g_biased * clamp(p_clean / p_biased, 0, 1)` per selected slot. An expert
+    chosen only because of the bias loses its gate; one the input supports keeps it. No renormalisation by
+    default (vetoed mass is dropped, not handed to the other selected experts)."""
+    gated = topk_weight * gate_support.to(topk_weight.dtype)
+    if renormalize:
+        gated = gated / gated.sum(-1, keepdim=True).clamp_min(1e-20)
+    return gated
+
+
+def route_with_bias(
+    logits: Tensor,
+    top_k: int,
+    active_mask: Tensor | None,
+    beta: Tensor,
+    *,
+    mode: str = "logits",
+    normalize: bool = True,
+    veto: bool = True,
+    token_mask: Tensor | None = None,
+    check_values: bool = False,
+) -> Routing:
+    """Route any router's clean `logits [T,E]` with the slow bias `beta [E]` (fp32 add, inactive slots -inf,
+    then the softmax -> top-k rule of `route_topk` in `mode`), run the bridge detector, and (with `veto`)
+    apply the veto to the gate weights. The report rides on the result as `routing.bridge`."""
+    routing = route_topk(
+        logits, top_k, active_mask, bias=beta, mode=mode, normalize=normalize, check_values=check_values
+    )
+    report = bridge_report(routing, token_mask)
+    weight = apply_veto(routing.topk_weight, report.gate_support) if veto else routing.topk_weight
+    return replace(routing, topk_weight=weight, bridge=report)
