@@ -71,7 +71,8 @@ def test_initial_counts_respect_the_limits():
     with pytest.raises(ValueError, match="starts with 1 active experts"):
         ExpertRegistry([torch.tensor([True, False, False])], ChronoConfig(min_experts_per_layer=2))
     with pytest.raises(ValueError, match="starts with 4 active"):
-        ExpertRegistry([torch.ones(4, dtype=torch.bool)], ChronoConfig(max_experts_per_layer=3, min_experts_per_layer=1))
+        config = ChronoConfig(max_experts_per_layer=3, min_experts_per_layer=1)
+        ExpertRegistry([torch.ones(4, dtype=torch.bool)], config)
 
 
 def test_basin_history_is_a_bounded_ring_buffer():

@@ -137,8 +137,12 @@ def random_like_rms(
 
 
 def weighted_average(a: Mapping[str, Tensor], b: Mapping[str, Tensor], wa: float, wb: float) -> dict[str, Tensor]:
-    """`wa * a + wb * b` per tensor, computed in fp32 (weights already normalised)."""
-    return {name: (wa * a[name].float() + wb * b[name].float()).to(a[name].dtype) for name in a}
+    """`wa * a + wb * b` per tensor, computed in at least fp32 (weights already normalised)."""
+    out = {}
+    for name, x in a.items():
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        out[name] = (wa * x.to(dtype) + wb * b[name].to(dtype)).to(x.dtype)
+    return out
 
 
 def normalise_usage(usage: tuple[float, float]) -> tuple[float, float]:

@@ -54,9 +54,11 @@ def merge(
     merged_router = weighted_average({"weight": router_s["weight"]}, {"weight": router_a["weight"]}, ws, wa)
     shift = math.log(2.0)
     if banks.router.has_bias:
-        joint = torch.logaddexp(router_s["bias"].float(), router_a["bias"].float())
-        merged_router["bias"] = joint.to(router_s["bias"].dtype)
-        shift = float(joint - router_s["bias"].float())
+        b_s, b_a = router_s["bias"], router_a["bias"]
+        dtype = torch.promote_types(b_s.dtype, torch.float32)
+        joint = torch.logaddexp(b_s.to(dtype), b_a.to(dtype))
+        merged_router["bias"] = joint.to(b_s.dtype)
+        shift = float(joint - b_s.to(dtype))
     merged = {"experts": weighted_average(experts_s, experts_a, ws, wa), "router": merged_router}
 
     fill_slot(banks, survivor, merged)
