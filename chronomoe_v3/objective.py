@@ -458,6 +458,13 @@ def select_edit(
     )
 
 
+def _flag(flags: Mapping[int, bool] | Sequence[bool], layer: int, name: str) -> bool:
+    try:
+        return bool(flags[layer])
+    except (KeyError, IndexError):
+        raise ValueError(f"{name} has no entry for layer {layer}; expected one flag per reviewed layer") from None
+
+
 def select_edits(
     per_layer_candidates: Mapping[int, Sequence[EditCandidate]],
     config: ChronoConfig,
@@ -477,12 +484,12 @@ def select_edits(
     for layer in sorted(per_layer_candidates):
         candidates = per_layer_candidates[layer]
         ranked = tuple(sorted(candidates, key=_rank))
-        if not cooldown_ok[layer]:
+        if not _flag(cooldown_ok, layer, "cooldown_ok"):
             decisions[layer] = LayerDecision(layer, None, ranked, f"do nothing: layer cooling down "
                                                                   f"(cooldown_steps={config.cooldown_steps})")
         elif review_due:
             decisions[layer] = select_edit(candidates, config, layer_id=layer)
-        elif emergency[layer]:
+        elif _flag(emergency, layer, "emergency"):
             d = select_edit(candidates, config, layer_id=layer, allowed_actions=ADDITIVE_ACTIONS)
             decisions[layer] = replace(d, reason=f"emergency review (only additive edits run early); {d.reason}")
         else:

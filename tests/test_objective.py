@@ -291,3 +291,8 @@ def test_validation() -> None:
         free_energy(make_view(starvation=1.5), CFG)
     with pytest.raises(ValueError, match="bimodality_threshold"):
         ObjectiveParams(bimodality_threshold=-0.1)
+
+
+def test_select_edits_requires_a_flag_per_layer() -> None:
+    with pytest.raises(ValueError, match="cooldown_ok has no entry for layer 1"):
+        select_edits({0: [], 1: []}, CFG, cooldown_ok=[True], emergency=[False, False], review_due=True)
