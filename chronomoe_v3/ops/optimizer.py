@@ -15,8 +15,8 @@
   state tensors (one `index_fill_` per tensor over the masked slots only). Masked slots hold zeros by
   construction (prune and merge park the weights in the archive and zero the slot), so this is exact
   whatever the optimiser does to them (AdamW decay, SGD momentum, stray gradients from other losses).
-  Slots that are masked when the surgery is attached are zeroed at the next step: park anything you want
-  to keep first. The masked-slot index is recomputed only when the mask tensor changes (its version
+  Slots that are masked when the surgery is attached are zeroed then: park anything you want to keep
+  first. The masked-slot index is recomputed only when the mask tensor changes (its version
   counter), so the per-step path has no host synchronisation.
 Parameters are never reallocated and the optimiser is never rebuilt.
 """
@@ -94,6 +94,7 @@ class OptimizerSurgery:
         self._handles = [optimizer.register_step_pre_hook(self._pre_step)]
         if freeze_masked:
             self._handles.append(optimizer.register_step_post_hook(self._post_step))
+            self._post_step(optimizer, (), {})
 
     def remove(self) -> None:
         """Detach the hooks."""
