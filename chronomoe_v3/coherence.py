@@ -324,20 +324,26 @@ class CoherenceState(nn.Module):
         """[E] bool: experts whose fast coherence has fallen below their slow coherence.
 
         With `degrade_reference="layer_median"` (default) each expert's delta is judged against the median
-        delta of the layer's active measured experts, so a layer drifting as a whole flags nobody; with
-        "absolute" against zero. Experts with fewer than `min_observations_to_flag` observations are never
+        delta of the layer's active measured experts, so a layer drifting as a whole flags nobody, and the
+        threshold widens to `degrade_z` robust standard deviations (scaled MAD) of the layer's deltas when
+        those are noisier than `delta_threshold`; with "absolute" against zero. Experts with fewer than `min_observations_to_flag` observations are never
         flagged.
         """
         delta = self.phi_delta
         eligible = torch.isfinite(delta) & (self.observations >= self.config.min_observations_to_flag)
         if active_mask is not None:
             eligible = eligible & active_mask.to(eligible.device)
+        threshold = torch.tensor(self.config.delta_threshold, device=delta.device)
         if self.config.degrade_reference == "layer_median":
             median = _nanmedian_masked(delta, eligible)
             relative = delta - torch.where(torch.isfinite(median), median, torch.zeros_like(median))
+            if self.config.degrade_z > 0:
+                # Robust spread of the layer's deltas (scaled MAD): an expert must stand out from its layer.
+                mad = _nanmedian_masked(relative.abs(), eligible) * 1.4826
+                threshold = torch.maximum(threshold, torch.nan_to_num(mad, nan=0.0) * self.config.degrade_z)
         else:
             relative = delta
-        return eligible & (relative < -self.config.delta_threshold)
+        return eligible & (relative < -threshold)
 
     def layer_psi(self, clock: int = 2) -> Tensor:
         """Layer coherence Psi on a clock (0 fast, 1 mid, 2 slow): share-weighted phi of measured experts."""

@@ -43,10 +43,13 @@ class ChronoConfig:
     alpha_slow: float = 0.999
     alpha_role: float = 0.99
     # Degradation flag: delta = phi_fast - phi_slow, judged against the layer's median delta
-    # ("layer_median") or against zero ("absolute"); flagged when below -delta_threshold.
+    # ("layer_median") or against zero ("absolute"); flagged when below -max(delta_threshold,
+    # degrade_z * robust spread of the layer's deltas) (the spread term only with "layer_median"; 0 disables it),
+    # and only after min_observations_to_flag observations (about the mid clock's horizon).
     delta_threshold: float = 0.15
     degrade_reference: str = "layer_median"
-    min_observations_to_flag: int = 10
+    degrade_z: float = 3.0
+    min_observations_to_flag: int = 100
     # Slow bias beta (SPEC 4).
     eta_beta: float = 0.01
     tau: float = 0.5
@@ -101,12 +104,12 @@ class ChronoConfig:
                 f"alpha_floor_mid={self.alpha_floor_mid} is invalid: expected <= alpha_mid={self.alpha_mid}"
             )
         for name in (
-            "delta_threshold", "eta_beta", "tau", "beta_min", "beta_max", "lambda_complexity",
+            "delta_threshold", "degrade_z", "eta_beta", "tau", "beta_min", "beta_max", "lambda_complexity",
             "rho_redundancy", "kappa_instability", "min_improvement", "split_perturbation_scale", "bridge_eps",
         ):
             _check_finite(name, getattr(self, name))
         for name in (
-            "delta_threshold", "eta_beta", "lambda_complexity", "rho_redundancy", "kappa_instability",
+            "delta_threshold", "degrade_z", "eta_beta", "lambda_complexity", "rho_redundancy", "kappa_instability",
             "min_improvement", "split_perturbation_scale",
         ):
             if getattr(self, name) < 0:
