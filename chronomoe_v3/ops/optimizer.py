@@ -11,19 +11,21 @@
   makes the bias-corrected moments exactly g and g^2: the update is Adam's own first update,
   `lr * g / (|g| + eps)`, at most lr per element (an emulated per-slot step count). Elements with g = 0 stay
   unseeded and are seeded at their first nonzero gradient, for `seed_steps` optimiser steps after the edit;
-- holds masked slots at zero: a step post-hook zero-fills the masked slices of the parameters and of their
-  state tensors (one `index_fill_` per tensor over the masked slots only). Masked slots hold zeros by
-  construction (prune and merge park the weights in the archive and zero the slot), so this is exact
-  whatever the optimiser does to them (AdamW decay, SGD momentum, stray gradients from other losses).
-  Slots that are masked when the surgery is attached are zeroed then: park anything you want to keep
-  first. The masked-slot index is recomputed only when the mask tensor changes (its version
-  counter), so the per-step path has no host synchronisation.
+- holds masked slots at zero: masked slots hold zero weights with zero optimiser state (prune and merge
+  park the weights in the archive, zero the slot and its state; slots masked when the surgery is attached
+  are zeroed then: park anything you want to keep first). A step pre-hook zero-fills the masked slices of
+  the gradients (per-expert modules: drops their gradient). Zero weight, zero state and zero gradient is a
+  fixed point of Adam, AdamW (decay multiplies 0), SGD with momentum/Nesterov/decay, fused or not, so the
+  masked slots stay exactly zero whatever else produced gradients for them. The hook costs one
+  `index_fill_` per stacked gradient over the masked slots only (a third of zeroing weights and moments
+  after the step); the masked index is recomputed only when a mask tensor changes (its version counter),
+  so the per-step path has no host synchronisation.
 Parameters are never reallocated and the optimiser is never rebuilt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,7 @@ def adam_first_step_seed(grad: Tensor, step: Tensor | float, beta1: Any, beta2: 
 @dataclass
 class _Pending:
     param: Tensor
+    group: dict[str, Any]
     dim: int
     slot: int
     steps_left: int
@@ -72,7 +75,7 @@ class OptimizerSurgery:
     """Keeps `optimizer`'s state in step with edits on the layers of `banks` (see the module docstring).
 
     `seed_steps`: optimiser steps after an edit during which unseeded elements of a fresh slice are seeded
-    (Adam/AdamW only). `freeze_masked`: install the post-step hook that holds masked slots at zero.
+    (Adam/AdamW only). `freeze_masked`: zero the masked slots now and their gradients before every step.
     """
 
     def __init__(
@@ -91,10 +94,10 @@ class OptimizerSurgery:
         self._seeds_adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
         self._pending: list[_Pending] = []
         self._masked: dict[int, tuple[int, Tensor, list[int]]] = {}  # bank index -> (mask version, idx, slots)
+        self.freeze_masked = freeze_masked
         self._handles = [optimizer.register_step_pre_hook(self._pre_step)]
         if freeze_masked:
-            self._handles.append(optimizer.register_step_post_hook(self._post_step))
-            self._post_step(optimizer, (), {})
+            self.hold_masked()
 
     def remove(self) -> None:
         """Detach the hooks."""
@@ -115,27 +118,29 @@ class OptimizerSurgery:
         self._pending = [p for p in self._pending if not (id(p.param) in ids and p.slot in touched)]
         reset_slot_state(self.optimizer, rows, sorted(touched))
         if self._seeds_adam:
+            groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
             self._pending += [
-                _Pending(r.param, r.expert_dim, slot, self.seed_steps)
+                _Pending(r.param, groups[id(r.param)], r.expert_dim, slot, self.seed_steps)
                 for r in rows
-                if r.expert_dim is not None
+                if r.expert_dim is not None and id(r.param) in groups
                 for slot in record.fresh_slots
             ]
 
     # ------------------------------------------------------------------ hooks
-    def _group_of(self, param: Tensor) -> dict[str, Any] | None:
-        for group in self.optimizer.param_groups:
-            if any(p is param for p in group["params"]):
-                return group
-        return None
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.freeze_masked:
+            self.drop_masked_grads()
+        self.seed_fresh()
 
     @torch.no_grad()
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def seed_fresh(self) -> None:
+        """Seed the Adam moments of fresh slices from their gradients (what the pre-step hook runs)."""
+        optimizer = self.optimizer
         for pending in self._pending:
             param, grad = pending.param, pending.param.grad
-            state = optimizer.state.get(param)
-            group = self._group_of(param)
-            if grad is None or not state or "exp_avg_sq" not in state or group is None:
+            state, group = optimizer.state.get(param), pending.group
+            if grad is None or not state or "exp_avg_sq" not in state:
                 continue  # no update this step, or Adam initialises the state itself at its step 1
             pending.steps_left -= 1
             g = grad.select(pending.dim, pending.slot)
@@ -162,18 +167,43 @@ class OptimizerSurgery:
             self._masked[i] = cached
         return cached[1], cached[2]
 
-    @torch.no_grad()
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _masked_rows(self) -> Iterator[tuple[Tensor, int | None, Tensor | None]]:
+        """(param, expert_dim, masked slot index) for stacked parameters with masked slots; (param, None,
+        None) for a per-slot parameter whose slot is masked. The index is recomputed only when a mask tensor
+        changed (its version counter)."""
         for i, banks in enumerate(self.banks):
             index, slots = self._masked_slots(i, banks)
             if not slots:
                 continue
-            whole: list[Tensor] = []
             for row in banks.param_slots():
                 if row.expert_dim is not None:
-                    for tensor in [row.param, *state_tensors(optimizer, row.param)]:
-                        tensor.index_fill_(row.expert_dim, index.to(tensor.device), 0)
+                    yield row.param, row.expert_dim, index.to(row.param.device)
                 elif row.slot in slots:
-                    whole += [row.param, *state_tensors(optimizer, row.param)]
-            if whole:
-                torch._foreach_zero_(whole)
+                    yield row.param, None, None
+
+    @torch.no_grad()
+    def drop_masked_grads(self) -> None:
+        """Zero the masked slices of the gradients (per-expert modules: drop the gradient), so the optimiser
+        step keeps zero slots with zero state exactly at zero (what the pre-step hook runs)."""
+        for param, dim, index in self._masked_rows():
+            if param.grad is None:
+                continue
+            if dim is None or index is None:
+                param.grad = None
+            else:
+                param.grad.index_fill_(dim, index, 0)
+
+    @torch.no_grad()
+    def hold_masked(self) -> None:
+        """Zero the masked slots' weights and optimiser-state slices (run at attach; run it again after loading
+        an optimiser or model state by hand)."""
+        whole: list[Tensor] = []
+        for param, dim, index in self._masked_rows():
+            tensors = [param, *state_tensors(self.optimizer, param)]
+            if dim is None or index is None:
+                whole += tensors
+            else:
+                for tensor in tensors:
+                    tensor.index_fill_(dim, index, 0)
+        if whole:
+            torch._foreach_zero_(whole)
