@@ -113,6 +113,20 @@ def _cosine(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return dot / (nu * nv).clamp_min(_ABS_ZERO), nu, nv
 
 
+def coherence_reference(stats: ExpertStats, estimator: str = "loo") -> Tensor:
+    """[E, H] the vector each expert's mean output is compared with: `(M - G_e) / N` (loo) or `M / N` (full).
+
+    The bimodality detector reads it too (its centroids' coherence, `BimodalityState.update(reference=...)`).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is invalid: expected one of {list(ESTIMATORS)}")
+    big_n = stats.num_tokens.clamp_min(1.0)
+    m = stats.sum_mixture.unsqueeze(0)
+    if estimator == "loo":
+        return (m - stats.sum_weighted) / big_n
+    return m.expand_as(stats.sum_weighted) / big_n
+
+
 def coherence_from_stats(stats: ExpertStats, estimator: str = "loo") -> Tensor:
     """phi [E] from sufficient statistics; NaN for experts unmeasured this step.
 
@@ -126,12 +140,10 @@ def coherence_from_stats(stats: ExpertStats, estimator: str = "loo") -> Tensor:
     n = stats.counts
     ybar = stats.sum_out / n.clamp_min(1.0).unsqueeze(1)
     big_n = stats.num_tokens.clamp_min(1.0)
-    m = stats.sum_mixture.unsqueeze(0)
+    ref = coherence_reference(stats, estimator)
     if estimator == "loo":
-        ref = (m - stats.sum_weighted) / big_n
-        scale = (m.norm(dim=-1) + stats.sum_weighted.norm(dim=-1)) / big_n
+        scale = (stats.sum_mixture.norm(dim=-1) + stats.sum_weighted.norm(dim=-1)) / big_n
     else:
-        ref = m.expand_as(stats.sum_weighted) / big_n
         scale = ref.norm(dim=-1)
     cos, ny, nref = _cosine(ybar, ref)
     ybar_scale = (stats.sum_out.abs().sum(-1) / n.clamp_min(1.0)).clamp_min(_ABS_ZERO)
