@@ -1,0 +1,223 @@
+"""The slow clock's cycle: propose -> score -> select -> apply -> log (SPEC 7-9).
+
+`review` proposes and scores candidate edits for every layer (`objective.propose_edits`) and selects under
+the cycle's rules (`objective.select_edits`: cooldowns, emergencies, budget). `apply_edit` executes one
+selected edit on real weights through `ops` (optimiser surgery included) and carries the per-slot state
+along: coherence clocks, bimodality detector and slow bias beta. `decision_record` writes the SPEC 9 line.
+Nothing here knows the system: callers pass the registry, the layer's banks and its state objects.
+
+Per-slot state after an edit:
+- prune / merge: the freed slot forgets its history (clocks, detector) and its beta returns to 0;
+- merge: the survivor keeps its history; where the router has no bias, the joint-mass shift the op returns
+  (`log 2` for equal rows) is added to the survivor's beta (clipped to the beta bounds);
+- split: both children inherit the parent's clock history (they are `cooling`, so never judged on it);
+  the detector hands role 1 to the child in the parent's slot and role 2 to the new slot; both children
+  start at the parent's beta shifted by `-log 2` where the router has no bias (clipped), i.e. below it;
+- spawn: the new slot starts fresh with beta 0. The clone parent (`clone_and_perturb`) is the most used
+  judged expert of the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .banks import LayerBanks
+from .bias import SlowBias
+from .bimodality import BimodalityState
+from .coherence import CoherenceState
+from .config import ChronoConfig
+from .decisions import CompetingEdit, DecisionRecord, ExpertCoherence, PredictedFreeEnergy
+from .objective import EditCandidate, LayerDecision, LayerView, ObjectiveParams, propose_edits, select_edits
+from .ops import EditRecord, OptimizerSurgery, merge, prune, spawn, split
+from .registry import ExpertRegistry
+
+
+@dataclass(frozen=True)
+class LifecycleAction:
+    """One executed edit: what the slow clock did, to whom, and why."""
+
+    step: int
+    layer_id: int
+    action: str
+    expert_id: str | None
+    child_id: str | None
+    reason: str
+    trigger: str
+    delta_F: float
+    record: EditRecord
+
+
+@dataclass
+class LayerParts:
+    """What an edit of one layer touches besides the registry."""
+
+    banks: LayerBanks
+    coherence: CoherenceState
+    bimodality: BimodalityState
+    bias: SlowBias | None
+
+
+def review(
+    views: Mapping[int, LayerView],
+    config: ChronoConfig,
+    *,
+    cooldown_ok: Mapping[int, bool],
+    emergency: Mapping[int, bool],
+    review_due: bool,
+    params: ObjectiveParams | None = None,
+) -> list[LayerDecision]:
+    """Propose and score candidates for each layer, then select under the cycle's rules."""
+    candidates = {lid: propose_edits(view, config, params) for lid, view in views.items()}
+    return select_edits(candidates, config, cooldown_ok, emergency, review_due=review_due)
+
+
+def _slot_mask(num_slots: int, slots: Sequence[int], device: torch.device) -> Tensor:
+    mask = torch.zeros(num_slots, dtype=torch.bool, device=device)
+    mask[list(slots)] = True
+    return mask
+
+
+def _set_beta(bias: SlowBias | None, slot: int, value: float) -> None:
+    if bias is None:
+        return
+    c = bias.config
+    v = min(max(value, c.beta_min), c.beta_max)
+    bias.set_beta(v, _slot_mask(bias.num_experts, [slot], bias.beta.device))
+
+
+def _beta(bias: SlowBias | None, slot: int) -> float:
+    return 0.0 if bias is None else float(bias.beta[slot])
+
+
+def apply_edit(
+    edit: EditCandidate,
+    parts: LayerParts,
+    registry: ExpertRegistry,
+    view: LayerView,
+    *,
+    step: int,
+    generator: torch.Generator | None = None,
+    surgery: OptimizerSurgery | None = None,
+) -> EditRecord:
+    """Execute one selected edit on the layer's weights, registry and optimiser, and update per-slot state.
+
+    `view` is the (host) LayerView the edit was chosen from (usage weights for merge, clone parent for spawn).
+    """
+    layer = edit.layer_id
+    banks, coh, bim, bias = parts.banks, parts.coherence, parts.bimodality, parts.bias
+    e = banks.num_slots
+    device = coh.step.device
+    view = view.to_host()
+    share = torch.nan_to_num(view.share_slow, nan=0.0)
+    if edit.action == "prune":
+        assert edit.expert_id is not None
+        record = prune(registry, banks, layer, edit.expert_id, step=step, optimizer=surgery)
+    elif edit.action == "merge":
+        assert edit.expert_id is not None and edit.partner_id is not None
+        survivor, absorbed = edit.partner_id, edit.expert_id
+        usage = (float(share[survivor]), float(share[absorbed]))
+        record = merge(
+            registry, banks, layer, survivor, absorbed, step=step, usage=usage, optimizer=surgery
+        )
+        if not record.logit_shift_applied:
+            _set_beta(bias, survivor, _beta(bias, survivor) + record.logit_shift.get(survivor, 0.0))
+    elif edit.action == "split":
+        assert edit.expert_id is not None
+        parent = edit.expert_id
+        parent_beta = _beta(bias, parent)
+        record = split(registry, banks, layer, parent, step=step, generator=generator, optimizer=surgery)
+        target = record.fresh_slots[0]
+        coh.copy_expert(parent, target)
+        bim.split_expert(parent, parent, target)
+        shift = 0.0 if record.logit_shift_applied else -math.log(2.0)
+        for child in (parent, target):
+            _set_beta(bias, child, parent_beta + shift)
+    elif edit.action == "spawn":
+        judged = view.active & ~view.cooling
+        clone = int(torch.where(judged, share, -1.0).argmax()) if bool(judged.any()) else None
+        strategy = None if clone is not None else "random"
+        record = spawn(
+            registry, banks, layer, step=step, parent=clone, strategy=strategy, generator=generator,
+            optimizer=surgery,
+        )
+    else:
+        raise ValueError(f"edit action {edit.action!r} is invalid: expected prune, merge, split or spawn")
+    fresh = list(record.parked_slots) + ([] if edit.action == "split" else list(record.fresh_slots))
+    if fresh:
+        mask = _slot_mask(e, fresh, device)
+        coh.reset_experts(mask)
+        bim.reset_experts(mask)
+        for slot in fresh:
+            _set_beta(bias, slot, 0.0)
+    return record
+
+
+def expert_readings(view: LayerView, coh: CoherenceState, bias: SlowBias | None, slot: int | None) -> ExpertCoherence:
+    """The acted-on expert's readings for the log (None for spawn / do nothing)."""
+    if slot is None:
+        return ExpertCoherence()
+    clocks = coh.phi_clocks[:, slot].detach().cpu().tolist()
+
+    def num(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return ExpertCoherence(
+        phi_fast=num(clocks[0]), phi_mid=num(clocks[1]), phi_slow=num(clocks[2]),
+        beta=None if bias is None else float(bias.beta[slot]),
+        bimodality=num(float(view.bimodality[slot])),
+    )
+
+
+def _id(ids: Sequence[str | None], slot: int | None) -> str | None:
+    return None if slot is None else ids[slot]
+
+
+def decision_record(
+    decision: LayerDecision,
+    *,
+    step: int,
+    run_id: str,
+    trigger: str,
+    slot_ids: Sequence[str | None],
+    readings: ExpertCoherence,
+    record: EditRecord | None = None,
+) -> DecisionRecord | None:
+    """The SPEC 9 line of one layer's decision; None for a do-nothing with no candidate to beat.
+
+    `slot_ids` are the registry ids living in each slot *before* the edit.
+    """
+    edit = decision.edit
+    competing = tuple(
+        CompetingEdit(c.action, _id(slot_ids, c.expert_id), c.delta_F, c.reason, _id(slot_ids, c.partner_id))
+        for c in decision.candidates
+        if c is not edit
+    )
+    if edit is None:
+        if not decision.candidates:
+            return None
+        f_before = decision.candidates[0].F_before
+        return DecisionRecord(
+            step=step, run_id=run_id, clock="slow", action="do_nothing", layer_id=decision.layer_id, expert_id=None,
+            coherence_state=ExpertCoherence(), free_energy=PredictedFreeEnergy.unchanged(f_before),
+            trigger=trigger, competing_edits=competing, reason=decision.reason,
+        )
+    child: str | None = None
+    if record is not None:
+        if edit.action in ("spawn", "split"):
+            child = record.born_ids[-1] if record.born_ids else None
+        elif edit.action == "merge":
+            child = _id(slot_ids, edit.partner_id)
+    d = edit.delta
+    return DecisionRecord(
+        step=step, run_id=run_id, clock="slow", action=edit.action, layer_id=decision.layer_id,
+        expert_id=_id(slot_ids, edit.expert_id), child_id=child, coherence_state=readings,
+        free_energy=PredictedFreeEnergy(
+            edit.F_before, edit.F_after_predicted, edit.delta_F, d.misfit, d.complexity, d.redundancy, d.instability
+        ),
+        trigger=trigger, competing_edits=competing, reason=f"{decision.reason}; {edit.reason}",
+    )
