@@ -1,0 +1,232 @@
+"""ChronoSystem: observation, step with/without controllers, persistence, error cases, exact resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.decisions import load_decisions
+from chronomoe_v3.governance.controller import Controller
+from chronomoe_v3.layers import ChronoMoELayer
+from chronomoe_v3.models import TinyMoELM
+from chronomoe_v3.system import ChronoSystem
+
+torch.set_num_threads(1)
+
+FAST = ChronoConfig(
+    lifecycle_eval_interval=3, cooldown_steps=6, cooling_period=6, min_observations_to_flag=5, basin_window_size=8
+)
+
+
+def _model(seed: int = 0) -> TinyMoELM:
+    torch.manual_seed(seed)
+    return TinyMoELM(24, d_model=16, n_layers=2, n_heads=2, d_ff=16, max_experts=6, top_k=2, num_active=4)
+
+
+def _batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 24, (4, 13), generator=g)
+
+
+def _train_step(model: TinyMoELM, opt: torch.optim.Optimizer, step: int) -> None:
+    x = _batch(step)
+    loss = model.loss(x[:, :-1], x[:, 1:])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def test_model_without_moe_layer_is_refused() -> None:
+    with pytest.raises(ValueError, match="no MoE layer"):
+        ChronoSystem(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_step_before_forward_is_a_clear_error() -> None:
+    system = ChronoSystem(_model(), config=FAST)
+    with pytest.raises(RuntimeError, match="before any observed training forward"):
+        system.step()
+
+
+def test_controller_without_update_is_refused() -> None:
+    with pytest.raises(ValueError, match="update"):
+        ChronoSystem(_model(), controller=object())
+
+
+def test_eval_forwards_do_not_update_state() -> None:
+    model = _model()
+    system = ChronoSystem(model, config=FAST)
+    model.eval()
+    with torch.no_grad():
+        model(_batch(0))
+    assert system.global_step == 0
+    assert all(int(st.coherence.step) == 0 for st in system.states)
+    model.train()
+    model(_batch(0))
+    assert system.layer_steps == [1, 1]
+
+
+def test_checkpoint_recompute_is_counted_once() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(8, 8, 4, 2)
+    system = ChronoSystem(layer, config=FAST)
+    x = torch.randn(10, 8, requires_grad=True)
+    for reentrant in (True, False):
+        before = system.global_step
+        out = checkpoint(layer, x, use_reentrant=reentrant)
+        out.sum().backward()
+        assert system.global_step == before + 1, f"use_reentrant={reentrant}"
+
+
+class _DuckController:
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def update(self, snapshot: Any, lenses: Any) -> list[str]:
+        self.calls.append(snapshot.step)
+        return [f"seen {snapshot.step}"]
+
+
+@pytest.mark.parametrize("kind", ["builtin", "none", "duck"])
+def test_step_with_each_kind_of_controller(kind: str) -> None:
+    model = _model()
+    controller: Any = {"builtin": Controller(2, 4), "none": None, "duck": _DuckController()}[kind]
+    system = ChronoSystem(model, controller=controller, config=FAST)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    system.attach_optimizer(opt)
+    for step in range(4):
+        _train_step(model, opt, step)
+        result = system.step()
+    assert set(result.coherence_state) == {0, 1}
+    assert result.snapshot is not None and len(result.snapshot.layers) == 2
+    if kind == "none":
+        assert result.control_decisions == []
+    elif kind == "duck":
+        assert result.control_decisions == ["seen 4"] and controller.calls == [1, 2, 3, 4]
+    else:
+        assert len(result.control_decisions) == 2
+
+
+def test_detach_removes_hooks() -> None:
+    model = _model()
+    system = ChronoSystem(model, config=FAST)
+    model(_batch(0))
+    system.detach()
+    model(_batch(1))
+    assert system.global_step == 1
+
+
+def test_state_dict_is_weights_only_safe_and_load_validates(tmp_path: Path) -> None:
+    model = _model()
+    system = ChronoSystem(model, controller=Controller(2, 4), config=FAST)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    system.attach_optimizer(opt)
+    for step in range(7):
+        _train_step(model, opt, step)
+        system.step()
+    torch.save(system.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    system.load_state_dict(state)
+
+    other = ChronoSystem(TinyMoELM(24, d_model=16, n_layers=2, n_heads=2, d_ff=16, max_experts=5, top_k=2,
+                                   num_active=4), config=FAST)
+    before = {k: v.clone() for k, v in other.states[0].state_dict().items()}
+    with pytest.raises(ValueError, match="expects"):
+        other.load_state_dict(state)
+    after = other.states[0].state_dict()
+    assert all(torch.allclose(before[k].double(), after[k].double(), rtol=0, atol=0, equal_nan=True) for k in before)
+    assert other.global_step == 0
+
+    three = ChronoSystem(TinyMoELM(24, d_model=16, n_layers=3, n_heads=2, d_ff=16, max_experts=6, top_k=2,
+                                   num_active=4), config=FAST)
+    with pytest.raises(ValueError, match="MoE layers"):
+        three.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- exact resume in a fresh process
+_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from test_system import FAST, _model, _train_step
+    from chronomoe_v3.system import ChronoSystem
+    from chronomoe_v3.governance.controller import Controller
+
+    n, half = int(sys.argv[1]), int(sys.argv[2])
+    mode, ckpt, out, logdir = sys.argv[3:7]
+    model = _model()
+    system = ChronoSystem(model, controller=Controller(2, 4), config=FAST, run_id="resume", output_dir=logdir)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    system.attach_optimizer(opt)
+    start = 0
+    if mode == "resume":
+        saved = torch.load(ckpt, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        system.load_state_dict(saved["system"])
+        start = half
+    for step in range(start, n):
+        _train_step(model, opt, step)
+        system.step()
+        if mode == "first" and step + 1 == half:
+            torch.save({{"model": model.state_dict(), "opt": opt.state_dict(), "system": system.state_dict()}}, ckpt)
+            break
+    torch.save({{"model": model.state_dict(), "opt": opt.state_dict(), "system": system.state_dict()}}, out)
+''')
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(obj, (list, tuple)):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}/{i}"))
+        return out
+    return {prefix: obj}
+
+
+def test_resume_in_fresh_process_is_bitwise_identical(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT.format(tests=str(Path(__file__).parent)))
+    n, half = 24, 12
+
+    def run(mode: str, out: str, logdir: str) -> None:
+        subprocess.run(
+            [sys.executable, str(script), str(n), str(half), mode, str(tmp_path / "ckpt.pt"), out, logdir],
+            check=True, capture_output=True, timeout=120,
+        )
+
+    run("full", str(tmp_path / "full.pt"), str(tmp_path / "log_full"))
+    run("first", str(tmp_path / "first.pt"), str(tmp_path / "log_resumed"))
+    run("resume", str(tmp_path / "resumed.pt"), str(tmp_path / "log_resumed"))
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    a, b = _flatten(full), _flatten(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]) or (
+                a[key].is_floating_point() and torch.equal(a[key].isnan(), b[key].isnan())
+                and torch.equal(a[key].nan_to_num(), b[key].nan_to_num())
+            ), key
+        elif key.endswith("timestamp"):
+            continue
+        else:
+            assert a[key] == b[key], key
+    log_full = [r.to_dict() for r in load_decisions(tmp_path / "log_full" / "resume" / "lifecycle_decisions.jsonl")]
+    log_res = [r.to_dict() for r in load_decisions(tmp_path / "log_resumed" / "resume" / "lifecycle_decisions.jsonl")]
+    assert log_full == log_res
+    assert any(r["action"] != "do_nothing" for r in log_full), "the run should make at least one edit"
