@@ -363,7 +363,8 @@ class ChronoSystem:
             actions, decisions = self._review(step, review_due, emergency)
         if review_due:
             for i, st in enumerate(self.states):
-                self.registry.record_basin(i, st.coherence.share_clocks[2], st.coherence.phi_slow)
+                share = torch.nan_to_num(st.coherence.share_clocks[2], nan=0.0).clamp_min(0.0)
+                self.registry.record_basin(i, share, st.coherence.phi_slow)
                 st.coactivation.zero_()
                 st.coactivation_tokens.zero_()
         return StepResult(control, actions, self.readings(), snapshot, decisions)
