@@ -213,3 +213,28 @@ def test_per_expert_modules_get_a_fresh_state_entry():
         assert float((p.detach() - b).abs().max()) <= 1.5e-3
         assert float(opt.state[p]["step"]) == 1.0
     assert all(float(opt.state[p]["step"]) == 10_001.0 for p in kept)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for sync debug mode")
+@pytest.mark.parametrize("fused", [False, True])
+def test_surgery_hooks_add_no_host_sync_per_step(fused):
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(16, 16, E, 2, router_bias=True, device="cuda")
+    layer.active_mask[LIVE:] = False
+    banks = banks_for(layer)
+    registry = ExpertRegistry([layer.active_mask], ChronoConfig(max_experts_per_layer=E))
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, fused=fused)
+    surgery = OptimizerSurgery(opt, [banks])
+    for p in layer.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    spawn(registry, banks, 0, step=1, parent=0, optimizer=surgery)  # pending seeding + a new masked set
+    for _ in range(3):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:  # what the step pre-hook runs
+            surgery.drop_masked_grads()
+            surgery.seed_fresh()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.step()

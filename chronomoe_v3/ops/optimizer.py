@@ -112,6 +112,8 @@ class OptimizerSurgery:
     def apply(self, banks: LayerBanks, record: EditRecord) -> None:
         """Fresh state for `record.fresh_slots` (seeded at their first gradient) and `record.parked_slots`."""
         self.check(banks)
+        index = next(i for i, b in enumerate(self.banks) if b.active_mask is banks.active_mask)
+        self._masked_slots(index, banks)  # refresh the masked-slot cache now, not in the next step
         rows = banks.param_slots()
         touched = set(record.fresh_slots) | set(record.parked_slots)
         ids = {id(r.param) for r in rows}
