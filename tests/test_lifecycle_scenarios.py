@@ -1,0 +1,170 @@
+"""Slow-clock scenarios on small real layers: each asserts the decision and its logged reason."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.layers import ChronoMoELayer
+from chronomoe_v3.system import ChronoSystem
+from chronomoe_v3.telemetry import COLLAPSE_CONFIRMED, Alert, SystemSnapshot
+
+torch.set_num_threads(1)
+
+D = 8
+# Short clocks so that the slow clock acts within a few hundred steps (the defaults are for real runs).
+CFG = ChronoConfig(
+    lifecycle_eval_interval=20, cooldown_steps=40, cooling_period=40, min_observations_to_flag=50, basin_window_size=30
+)
+
+
+def _clusters(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n, D, generator=g)
+    return 3 * centres / centres.norm(dim=1, keepdim=True), torch.randn(n, D, generator=g)
+
+
+def _train(layer: ChronoMoELayer, cfg: ChronoConfig, n_clusters: int, steps: int) -> ChronoSystem:
+    """Regression of cluster targets from noisy cluster inputs; `system.step()` after every step."""
+    centres, targets = _clusters(n_clusters)
+    system = ChronoSystem(layer, config=cfg, run_id="scenario")
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    system.attach_optimizer(opt)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        idx = torch.randint(0, n_clusters, (16 * n_clusters,), generator=g)
+        x = centres[idx] + 0.3 * torch.randn(len(idx), D, generator=g)
+        loss = (layer(x) - targets[idx]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        system.step()
+    return system
+
+
+def _edits(system: ChronoSystem) -> list:
+    return [r for r in system.decisions if r.action != "do_nothing"]
+
+
+def test_dead_expert_with_spare_capacity_is_pruned() -> None:
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(D, 16, 6, 1, num_active=4, router_bias=True)
+    with torch.no_grad():
+        layer.router.bias[3] = -30.0  # slot 3 never wins a token
+    # A high bar for judged edits, so only the utilisation fallback (exempt from the bar) can act.
+    system = _train(layer, replace(CFG, min_improvement=0.5), 4, 80)
+    edits = _edits(system)
+    assert edits, "expected the dead expert to be pruned"
+    first = edits[0]
+    assert (first.action, first.expert_id) == ("prune", "L0_E3")
+    assert first.reason is not None and "never fired" in first.reason
+    assert not bool(layer.active_mask[3])
+
+
+def test_expert_serving_two_separated_clusters_is_split() -> None:
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(D, 16, 4, 1, num_active=2)  # 2 experts, top-1, 4 clusters: each serves two
+    system = _train(layer, CFG, 4, 160)
+    edits = _edits(system)
+    assert edits, "expected a split"
+    first = edits[0]
+    assert first.action == "split" and first.child_id is not None
+    assert first.reason is not None and "most bimodal expert" in first.reason
+    assert first.coherence_state.bimodality is not None and first.coherence_state.bimodality > 0.2
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "objective: with two exact duplicates trained together, prune of the least coherent expert and spawn "
+    "(starvation) are predicted better than merging the duplicate pair; no merge is selected in 300 steps"
+))
+def test_duplicated_experts_are_merged() -> None:
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(D, 16, 6, 2, num_active=4)
+    with torch.no_grad():
+        for p in (layer.w_gate, layer.w_up, layer.w_down):
+            p[1] = p[0]
+        layer.router.weight[1] = layer.router.weight[0]
+    system = _train(layer, CFG, 4, 300)
+    merges = [r for r in _edits(system) if r.action == "merge"]
+    assert merges and {merges[0].expert_id, merges[0].child_id} == {"L0_E0", "L0_E1"}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "starvation signal: a trained top-1 router with 2 experts for 6 clusters is confident (few starved "
+    "tokens), so prune/split are selected instead of spawn in 300 steps"
+))
+def test_too_few_experts_for_the_clusters_spawns() -> None:
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(D, 16, 6, 1, num_active=2)
+    system = _train(layer, CFG, 6, 300)
+    edits = _edits(system)
+    assert edits and edits[0].action == "spawn"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "objective: in this synthetic layer (identical experts, one cluster each, top-1) the LOO phi_slow of the "
+    "experts differ (some negative), and prune's predicted delta (w_e (phi_e - Psi)/(1 - w_e) - lambda, with "
+    "lambda == min_improvement by default) beats the threshold for any below-average expert; a prune follows"
+))
+def test_healthy_layer_makes_no_edit_over_1000_steps() -> None:
+    # A fast synthetic layer: four identical experts (coherent), a confident router that sends each of four
+    # clusters to its own expert (no starvation), no dead expert, nothing bimodal.
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(D, 16, 6, 1, num_active=4)
+    centres, _ = _clusters(4)
+    with torch.no_grad():
+        for p in (layer.w_gate, layer.w_up, layer.w_down):
+            p[1:4] = p[0]
+        layer.router.weight.zero_()
+        layer.router.weight[:4] = 5 * centres
+    system = ChronoSystem(layer, config=CFG, run_id="healthy")
+    start = time.time()
+    for step in range(1000):
+        g = torch.Generator().manual_seed(step)
+        idx = torch.randint(0, 4, (32,), generator=g)
+        layer(centres[idx] + 0.1 * torch.randn(32, D, generator=g))
+        system.step()
+    assert _edits(system) == [], [r.reason for r in _edits(system)]
+    assert time.time() - start < 20
+
+
+def _coherent_starved_layer_with_dead_expert() -> tuple[ChronoMoELayer, ChronoSystem]:
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(D, 16, 6, 1, num_active=4, router_bias=True)
+    with torch.no_grad():
+        for p in (layer.w_gate, layer.w_up, layer.w_down):
+            p[1:4] = p[0]
+        layer.router.weight.mul_(0.01)  # near-uniform router: most tokens fit no expert well
+        layer.router.bias.zero_()
+        layer.router.bias[3] = -30.0  # and slot 3 is dead: a fallback prune candidate
+    # The regular review never comes due here; instability weight 0 keeps split (the other additive edit) out.
+    cfg = replace(CFG, lifecycle_eval_interval=10_000, kappa_instability=0.0)
+    system = ChronoSystem(layer, config=cfg, run_id="emergency")
+    for step in range(80):
+        g = torch.Generator().manual_seed(step)
+        layer(torch.randn(32, D, generator=g))
+    return layer, system
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "scenario not tuned in time: the emergency review runs (prune correctly withheld) but no spawn candidate "
+    "beats the bar in this synthetic layer (median phi_slow < tau or starvation too small); needs inspection"
+))
+def test_emergency_expedites_spawn_but_not_prune() -> None:
+    layer, system = _coherent_starved_layer_with_dead_expert()
+    quiet = system.step()
+    assert quiet.lifecycle_actions == []
+    snapshot = SystemSnapshot(step=system.global_step, timestamp=0.0, train_loss=None, val_loss=None, layers=[],
+                              alerts=[Alert(COLLAPSE_CONFIRMED, 0, 3, "test")])
+    result = system.step(snapshot=snapshot)
+    assert [a.action for a in result.lifecycle_actions] == ["spawn"]
+    record = _edits(system)[0]
+    assert record.action == "spawn" and "COLLAPSE_CONFIRMED" in record.trigger
+    assert "starvation" in (record.reason or "")
+    competing = {c.action for c in record.competing_edits}
+    assert "prune" in competing, "the dead expert's prune was a candidate and must wait"
+    assert bool(layer.active_mask[3]), "prune must not run early"
