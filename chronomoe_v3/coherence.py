@@ -338,8 +338,8 @@ class CoherenceState(nn.Module):
         With `degrade_reference="layer_median"` (default) each expert's delta is judged against the median
         delta of the layer's active measured experts, so a layer drifting as a whole flags nobody, and the
         threshold widens to `degrade_z` robust standard deviations (scaled MAD) of the layer's deltas when
-        those are noisier than `delta_threshold`; with "absolute" against zero. Experts with fewer than `min_observations_to_flag` observations are never
-        flagged.
+        those are noisier than `delta_threshold`; with "absolute" against zero. Experts with fewer than
+        `min_observations_to_flag` observations are never flagged.
         """
         delta = self.phi_delta
         eligible = torch.isfinite(delta) & (self.observations >= self.config.min_observations_to_flag)
