@@ -32,7 +32,7 @@ def main(steps: int = 120, seq: int = 64, batch: int = 8) -> None:
     system.attach_optimizer(opt)
     g = torch.Generator().manual_seed(0)
     bar = tqdm(range(steps), desc="training")
-    for step in bar:
+    for _ in bar:
         starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
         x = torch.stack([data[s : s + seq + 1] for s in starts])
         loss = model.loss(x[:, :-1], x[:, 1:])
