@@ -1,0 +1,225 @@
+"""Cost of the observe path (sufficient statistics + three clocks) against the MoE layer's expert
+forward+backward, and against a straightforward per-expert Python-loop implementation of the same update,
+measured side by side in one run.
+
+    python benchmarks/bench_observe.py              # CPU, scaled-down shapes
+    python benchmarks/bench_observe.py --device cuda  # the PERF.md shapes, bf16, plus a sync check
+
+Writes benchmarks/results/observe_<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chronomoe_v3 import ChronoConfig, CoherenceState, MoETrace, compute_expert_stats
+from chronomoe_v3.grouped import grouped_mm
+
+GPU_SHAPES = {
+    "A (E=64,k=8,H=2048,I=1024)": dict(T=16384, H=2048, E=64, K=8, I=1024),
+    "B (E=8,k=2,H=4096,I=14336)": dict(T=16384, H=4096, E=8, K=2, I=14336),
+    "C (E=256,k=8,H=2048,I=512)": dict(T=16384, H=2048, E=256, K=8, I=512),
+}
+CPU_SHAPES = {
+    "A/16 (E=64,k=8,H=256,I=128)": dict(T=1024, H=256, E=64, K=8, I=128),
+    "B/16 (E=8,k=2,H=512,I=1792)": dict(T=1024, H=512, E=8, K=2, I=1792),
+    "C/16 (E=256,k=8,H=256,I=64)": dict(T=1024, H=256, E=256, K=8, I=64),
+}
+
+
+def timer(device: torch.device, fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    """Median milliseconds of fn() (device events on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def balanced_routing(t: int, e: int, k: int, device: torch.device) -> torch.Tensor:
+    """Each token picks k distinct experts; loads balanced (as in PERF.md's balanced FFN timing)."""
+    base = torch.arange(t, device=device).unsqueeze(1) * k + torch.arange(k, device=device)
+    perm = torch.randperm(e, device=device)
+    return perm[base % e]
+
+
+def loop_observe(trace: MoETrace, value: torch.Tensor, decay: torch.Tensor, alphas: torch.Tensor) -> None:
+    """The upstream-style update: per-expert gathers and means, a Python-loop cosine, then a device EMA."""
+    idx, w, y = trace.topk_index, trace.topk_weight, trace.expert_out
+    e_count = trace.num_experts
+    mixture = (y.float() * w.float().unsqueeze(-1)).sum(1).sum(0)
+    n = trace.num_tokens
+    phis = []
+    for e in range(e_count):
+        sel = idx == e
+        rows = y[sel].float()
+        if rows.shape[0] == 0:
+            phis.append(float("nan"))
+            continue
+        ybar = rows.mean(0)
+        g = (rows * w[sel].float().unsqueeze(1)).sum(0)
+        ref = (mixture - g) / n
+        phis.append(float(torch.dot(ybar, ref) / (ybar.norm() * ref.norm() + 1e-30)))
+    phi = torch.tensor(phis, device=value.device)
+    measured = torch.isfinite(phi)
+    a = alphas.view(-1, 1)
+    value.copy_(torch.where(measured, a * value + (1 - a) * torch.nan_to_num(phi), value))
+    decay.copy_(torch.where(measured, decay * a, decay))
+
+
+def run_shape(name: str, shape: dict[str, int], device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    t, h, e, k, i = (shape[x] for x in ("T", "H", "E", "K", "I"))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(t, h, generator=g).to(device, dtype)
+    idx = balanced_routing(t, e, k, device)
+    w = torch.softmax(torch.randn(t, k, device=device), -1)
+    w_gate = (torch.randn(e, h, i, generator=g) / h**0.5).to(device, dtype).requires_grad_()
+    w_up = (torch.randn(e, h, i, generator=g) / h**0.5).to(device, dtype).requires_grad_()
+    w_down = (torch.randn(e, i, h, generator=g) / i**0.5).to(device, dtype).requires_grad_()
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=e)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    rows = x.index_select(0, order // k).requires_grad_()
+
+    def ffn_fwd_bwd() -> torch.Tensor:
+        out = grouped_mm(F.silu(grouped_mm(rows, w_gate, offsets)) * grouped_mm(rows, w_up, offsets), w_down, offsets)
+        out.backward(torch.ones_like(out))
+        return out
+
+    out_sorted = ffn_fwd_bwd().detach()
+    expert_out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted).view(t, k, h)
+    trace = MoETrace(topk_index=idx, topk_weight=w, expert_out=expert_out, num_experts=e)
+    state = CoherenceState(e, h, ChronoConfig(), device=device)
+
+    def observe() -> None:
+        state.observe(compute_expert_stats(trace))
+
+    value = torch.zeros(3, e, device=device)
+    decay = torch.ones(3, e, device=device)
+    alphas = torch.tensor([0.9, 0.99, 0.999], device=device)
+
+    def loop() -> None:
+        loop_observe(trace, value, decay, alphas)
+
+    ms_ffn = timer(device, ffn_fwd_bwd, max(3, repeats // 4))
+    ms_obs = timer(device, observe, repeats)
+    ms_loop = timer(device, loop, max(3, repeats // 4))
+    syncs = "not checked (CPU)"
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            observe()
+            syncs = "0 (set_sync_debug_mode('error') raised nothing)"
+        except RuntimeError as exc:
+            syncs = f"SYNC: {exc}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    state_bytes = sum(b.numel() * b.element_size() for b in state.buffers())
+    return {
+        "shape": name,
+        **shape,
+        "dtype": str(dtype).replace("torch.", ""),
+        "ffn_fwd_bwd_ms": ms_ffn,
+        "observe_ms": ms_obs,
+        "loop_observe_ms": ms_loop,
+        "observe_pct_of_ffn": 100.0 * ms_obs / ms_ffn,
+        "loop_pct_of_ffn": 100.0 * ms_loop / ms_ffn,
+        "speedup_vs_loop": ms_loop / ms_obs,
+        "host_syncs_per_step": syncs,
+        "state_bytes": state_bytes,
+        "state_bytes_over_E_H_fp32": state_bytes / (4 * e * h),
+    }
+
+
+def check_training_step_syncs(device: torch.device) -> str:
+    """A full training step of a ChronoMoELayer with coherence observers under sync-debug 'error'."""
+    from chronomoe_v3 import ChronoMoELayer, attach_coherence
+
+    layer = ChronoMoELayer(1024, 512, 16, 2, device=device, dtype=torch.bfloat16)
+    attach_coherence(layer, CoherenceState(16, 1024, device=device))
+    x = torch.randn(4096, 1024, device=device, dtype=torch.bfloat16)
+    layer(x).float().square().mean().backward()  # warm-up outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).float().square().mean().backward()
+        return "0 host syncs in forward + observe + backward"
+    except RuntimeError as exc:
+        return f"SYNC: {exc}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    shapes = GPU_SHAPES if cuda else CPU_SHAPES
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    rows = []
+    for name, shape in shapes.items():
+        print(f"timing {name} ...", flush=True)
+        rows.append(run_shape(name, shape, device, dtype, args.repeats))
+    meta = {
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "threads": torch.get_num_threads(),
+        "training_step_sync_check": check_training_step_syncs(device) if cuda else "not checked (CPU)",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if cuda else "cpu"
+    (args.out / f"observe_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        f"# Observe-path cost ({tag})",
+        "",
+        f"Device: {meta['device']}; torch {meta['torch']}; dtype {rows[0]['dtype']}; median of repeats.",
+        f"Command: `python benchmarks/bench_observe.py --device {args.device}`",
+        "",
+        "| shape | FFN fwd+bwd ms | observe ms | observe % | loop-style ms | loop % | speed-up | host syncs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['ffn_fwd_bwd_ms']:.3f} | {r['observe_ms']:.3f} | {r['observe_pct_of_ffn']:.2f}% | "
+            f"{r['loop_observe_ms']:.3f} | {r['loop_pct_of_ffn']:.1f}% | {r['speedup_vs_loop']:.1f}x | "
+            f"{r['host_syncs_per_step']} |"
+        )
+    lines += ["", f"Training-step sync check: {meta['training_step_sync_check']}", "",
+              "State memory per layer (CoherenceState) in units of E*H fp32: "
+              + ", ".join(f"{r['shape'].split()[0]}: {r['state_bytes_over_E_H_fp32']:.2f}" for r in rows)]
+    (args.out / f"observe_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
