@@ -73,9 +73,10 @@ def route_topk(
         for name, value in (("logits", logits), ("bias", bias)):
             if value is not None and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{name} holds non-finite values; expected finite {name}")
-    z_clean = mask_logits(logits.float(), active_mask)
+    z = logits.float()
+    z_clean = mask_logits(z, active_mask)
     if bias is not None:
-        z_biased = mask_logits(logits.float() + bias.float(), active_mask)
+        z_biased = mask_logits(z + bias.float(), active_mask)
     else:
         z_biased = z_clean
     p_clean = torch.softmax(z_clean, dim=-1)
