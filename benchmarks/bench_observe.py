@@ -16,6 +16,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -133,8 +134,8 @@ def run_shape(name: str, shape: dict[str, int], device: torch.device, dtype: tor
         try:
             observe()
             syncs = "0 (set_sync_debug_mode('error') raised nothing)"
-        except RuntimeError as exc:
-            syncs = f"SYNC: {exc}"
+        except RuntimeError:
+            syncs = "SYNC at " + _where()
         finally:
             torch.cuda.set_sync_debug_mode(0)
     state_bytes = sum(b.numel() * b.element_size() for b in state.buffers())
@@ -154,6 +155,12 @@ def run_shape(name: str, shape: dict[str, int], device: torch.device, dtype: tor
     }
 
 
+def _where() -> str:
+    """The innermost frames of the current exception that belong to this project."""
+    frames = [f for f in traceback.extract_tb(sys.exc_info()[2]) if "chronomoe_v3" in f.filename]
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in reversed(frames[-3:])) or "?"
+
+
 def check_training_step_syncs(device: torch.device) -> str:
     """A full training step of a ChronoMoELayer with coherence observers under sync-debug 'error'."""
     from chronomoe_v3 import ChronoMoELayer, attach_coherence
@@ -167,8 +174,8 @@ def check_training_step_syncs(device: torch.device) -> str:
     try:
         layer(x).float().square().mean().backward()
         return "0 host syncs in forward + observe + backward"
-    except RuntimeError as exc:
-        return f"SYNC: {exc}"
+    except RuntimeError:
+        return "SYNC at " + _where()
     finally:
         torch.cuda.set_sync_debug_mode(0)
 

@@ -49,13 +49,17 @@ class ExpertStats:
         return (self.counts > 0) & ~self.nonfinite
 
 
-def compute_expert_stats(trace: MoETrace) -> ExpertStats:
+REDUCTIONS = ("auto", "index_add", "matmul")
+
+
+def compute_expert_stats(trace: MoETrace, reduction: str = "auto") -> ExpertStats:
     """All per-expert statistics of a trace in one vectorised pass, accumulated in fp32.
 
-    The reduction is a one-hot matmul on accelerators (PERF.md: the fastest there) and `index_add_` on
-    the CPU (where it is faster than a one-hot product). Non-finite outputs or gate weights mark their
-    expert as skipped (`nonfinite`) and never reach the sums of the others on CPU; on an accelerator the
-    one-hot product spreads a non-finite row (0 * inf = nan) to every expert of that layer and step, which
+    The reduction (`reduction="auto"`) is a one-hot matmul on accelerators (PERF.md: the fastest there)
+    and `index_add_` on the CPU (where it is faster than a one-hot product); either can be forced.
+    Non-finite outputs or gate weights mark their expert as skipped (`nonfinite`). With `index_add_` they
+    never reach the sums of other experts; with the one-hot product a non-finite row spreads
+    (0 * inf = nan) to every expert of that layer and step, which
     are then all skipped. Either way no NaN/Inf leaves this function.
     """
     t, k, h = trace.expert_out.shape
@@ -65,7 +69,9 @@ def compute_expert_stats(trace: MoETrace) -> ExpertStats:
     y = trace.expert_out.reshape(t * k, h)
     keep = trace.kept_slots().reshape(t * k)
     device = y.device
-    if device.type == "cpu":
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is invalid: expected one of {list(REDUCTIONS)}")
+    if reduction == "index_add" or (reduction == "auto" and device.type == "cpu"):
         # Dropped / padded slots go to a scratch row E, so no multiply-by-mask pass is needed.
         target = torch.where(keep, idx, torch.full_like(idx, e))
         yf = y.float()
@@ -78,7 +84,7 @@ def compute_expert_stats(trace: MoETrace) -> ExpertStats:
         onehot = (idx.unsqueeze(0) == torch.arange(e, device=device).unsqueeze(1)) & keep.unsqueeze(0)
         a = onehot.to(y.dtype)
         both = torch.cat([a, a * w.to(y.dtype).unsqueeze(0)], 0)  # [2E, T*K]
-        prod = _matmul_fp32(both, y)
+        prod = _onehot_reduce(both, y)
         sum_out, sum_weighted = prod[:e], prod[e:]
         counts = onehot.sum(1, dtype=torch.float32)
     finite = torch.isfinite(sum_out).all(1) & torch.isfinite(sum_weighted).all(1)
@@ -86,7 +92,7 @@ def compute_expert_stats(trace: MoETrace) -> ExpertStats:
     sum_out = torch.where(finite.unsqueeze(1), sum_out, zero)
     sum_weighted = torch.where(finite.unsqueeze(1), sum_weighted, zero)
     counts = torch.where(finite, counts, zero)
-    real = trace.token_mask.float().sum() if trace.token_mask is not None else torch.tensor(float(t), device=device)
+    real = trace.token_mask.float().sum() if trace.token_mask is not None else torch.full((), float(t), device=device)
     return ExpertStats(
         counts=counts,
         sum_out=sum_out,
@@ -97,13 +103,23 @@ def compute_expert_stats(trace: MoETrace) -> ExpertStats:
     )
 
 
-def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
-    if a.dtype == torch.float32:
-        return a @ b
-    try:  # fp32 output straight from the low-precision product where the backend supports it
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):
-        return (a @ b).float()
+def _onehot_reduce(a: Tensor, y: Tensor) -> Tensor:
+    """`a [R, N] @ y [N, H]` with fp32 output, split along N into independent chunks.
+
+    The product has few output tiles and a very long reduction (R ~ 2E, N = T*K), which a single GEMM
+    spreads over few SMs; batching the reduction in chunks (split-K) and summing the partials in fp32 keeps
+    the GPU busy.
+    """
+    r, n = a.shape
+    chunks = next((c for c in (64, 32, 16, 8, 4, 2) if n % c == 0 and n // c >= 512), 1)
+    a3 = a.view(r, chunks, n // chunks).transpose(0, 1)
+    y3 = y.view(chunks, n // chunks, y.shape[1])
+    if a.dtype != torch.float32:
+        try:  # fp32 output straight from the low-precision product where the backend supports it
+            return torch.bmm(a3, y3, out_dtype=torch.float32).sum(0)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.bmm(a3, y3).float().sum(0)
 
 
 def _cosine(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -371,7 +387,8 @@ def attach_coherence(layer: nn.Module, state: CoherenceState) -> RemovableHandle
     mask = getattr(layer, "active_mask", None)
 
     def _observe(trace: MoETrace) -> None:
-        state.observe(compute_expert_stats(trace), mask)
+        bridge = getattr(trace, "bridge", None)
+        state.observe(compute_expert_stats(trace), mask, bridge.relevance if bridge is not None else None)
 
     handle: RemovableHandle = add_observer(_observe)
     return handle

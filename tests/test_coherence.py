@@ -215,3 +215,14 @@ def test_bf16_trace_accumulates_in_fp32():
     stats = compute_expert_stats(tr16)
     assert stats.sum_out.dtype == torch.float32
     assert torch.allclose(compute_coherence(stats), compute_coherence(tr), atol=2e-2, equal_nan=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matmul_and_index_add_reductions_agree(seed):
+    tr = _random_trace(seed=seed, t=700, drop=0.3)
+    a = compute_expert_stats(tr, reduction="index_add")
+    b = compute_expert_stats(tr, reduction="matmul")
+    for f in ("counts", "sum_out", "sum_weighted", "sum_mixture", "num_tokens"):
+        assert torch.allclose(getattr(a, f), getattr(b, f), atol=1e-4), f
+    with pytest.raises(ValueError, match="reduction"):
+        compute_expert_stats(tr, reduction="segment")
