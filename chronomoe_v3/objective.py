@@ -75,8 +75,26 @@ class ObjectiveParams:
     bimodality_threshold: float = 0.2
     redundancy_sharpness: float = 4.0
     starvation_confidence: float = 0.2
+    prune_coherence_floor: float = 0.0
+    merge_min_redundancy: float = 0.5
+    starvation_floor: float = 0.15
+    prune_min_absorbable: float = 0.5
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.prune_min_absorbable <= 1.0:
+            raise ValueError(
+                f"prune_min_absorbable={self.prune_min_absorbable!r} is invalid: expected a fraction in [0, 1]"
+            )
+        if not 0.0 <= self.starvation_floor < 1.0:
+            raise ValueError(f"starvation_floor={self.starvation_floor!r} is invalid: expected a fraction in [0, 1)")
+        if not 0.0 <= self.merge_min_redundancy <= 1.0:
+            raise ValueError(
+                f"merge_min_redundancy={self.merge_min_redundancy!r} is invalid: expected a value in [0, 1]"
+            )
+        if not -1.0 <= self.prune_coherence_floor <= 1.0:
+            raise ValueError(
+                f"prune_coherence_floor={self.prune_coherence_floor!r} is invalid: expected a coherence in [-1, 1]"
+            )
         if not 0.0 <= self.bimodality_threshold < 2.0:
             raise ValueError(
                 f"bimodality_threshold={self.bimodality_threshold!r} is invalid: expected a value in [0, 2)"
@@ -271,6 +289,32 @@ def _psi(view: LayerView, measured: Tensor) -> float:
     return psi if psi == psi else 0.0
 
 
+def routing_overlap(view: LayerView) -> Tensor:
+    """[E, E] `O_ef = C_ef / C_ee` clamped to [0, 1] (0 on the diagonal and where `C_ee` is 0).
+
+    With the system's co-routing accumulator (row e sums, over tokens with e among the clean top-2, the
+    router's interchangeability `min(1, p_f / p_e)`), `O_ef` is the fraction of e's traffic the router
+    would nearly as soon give to f: ~1 for a duplicate, ~0 for a distinct expert behind a confident router.
+    Not symmetric: a narrow expert can be subsumed by a broad one.
+    """
+    view = view.to_host()
+    usage = view.coactivation.diagonal().clamp_min(0.0)
+    overlap = torch.where(usage.unsqueeze(1) > 0, view.coactivation.clamp_min(0.0) / usage.unsqueeze(1).clamp_min(_EPS),
+                          0.0)
+    return overlap.clamp(0.0, 1.0).fill_diagonal_(0.0)
+
+
+def _pair_overlap(view: LayerView) -> Tensor:
+    """[E, E] symmetric: the overlap read from the less used expert's row (ties: the lower slot's row)."""
+    o = routing_overlap(view)
+    usage = view.coactivation.diagonal()
+    e = torch.arange(view.num_slots)
+    row_is_less = (usage.unsqueeze(1) < usage.unsqueeze(0)) | (
+        (usage.unsqueeze(1) == usage.unsqueeze(0)) & (e.unsqueeze(1) < e.unsqueeze(0))
+    )
+    return torch.where(row_is_less, o, o.T)
+
+
 def redundancy_matrix(view: LayerView, params: ObjectiveParams | None = None) -> Tensor:
     """[E, E] symmetric pair scores r_ef (zero diagonal, zero where either expert is unmeasured)."""
     params = params if params is not None else ObjectiveParams()
@@ -281,10 +325,7 @@ def redundancy_matrix(view: LayerView, params: ObjectiveParams | None = None) ->
     cos_role = (unit @ unit.T).clamp(0.0, 1.0)
     phi = torch.nan_to_num(view.phi_slow, nan=0.0)
     phi_sim = (1.0 - (phi.unsqueeze(0) - phi.unsqueeze(1)).abs() / 2.0).clamp(0.0, 1.0)
-    usage = view.coactivation.diagonal().clamp_min(0.0)
-    smaller = torch.minimum(usage.unsqueeze(0), usage.unsqueeze(1))
-    overlap = torch.where(smaller > 0, view.coactivation.clamp_min(0.0) / smaller.clamp_min(_EPS), 0.0).clamp(0, 1)
-    r = (cos_role * phi_sim) ** params.redundancy_sharpness * overlap
+    r = (cos_role * phi_sim) ** params.redundancy_sharpness * _pair_overlap(view)
     pair = measured.unsqueeze(0) & measured.unsqueeze(1) & ~torch.eye(view.num_slots, dtype=torch.bool)
     return torch.where(pair, r, 0.0)
 
@@ -301,7 +342,7 @@ def free_energy(view: LayerView, config: ChronoConfig, params: ObjectiveParams |
     in_play, measured = _masks(view)
     r = redundancy_matrix(view, params)
     return FreeEnergy(
-        misfit=1.0 - _psi(view, measured),
+        misfit=1.0 - (1.0 - float(view.starvation)) * _psi(view, measured),
         complexity=config.lambda_complexity * int(in_play.sum()),
         redundancy=config.rho_redundancy * float(r.sum()) / 2.0,
         instability=config.kappa_instability * float(_excess_bimodality(view, in_play, params).sum()),
@@ -309,6 +350,18 @@ def free_energy(view: LayerView, config: ChronoConfig, params: ObjectiveParams |
 
 
 # ---------------------------------------------------------------------- candidates
+def _moved_traffic_misfit(phi_e: float, w_e: float, absorbable: float, phi_f: float) -> float:
+    """Predicted misfit change when expert e leaves and its traffic (weight `w_e` in Psi) moves on.
+
+    The fraction `absorbable` of that traffic goes to a neighbour f that the router already finds nearly
+    interchangeable with e, and is served at f's coherence `phi_f`; the rest has no expert that fits it,
+    so its coherence is predicted to be `min(phi_e, 0)`: a coherent expert's unique service is lost
+    (down to 0), and removing a decoherent expert is never credited for tokens nobody else can serve.
+    """
+    after = absorbable * phi_f + (1.0 - absorbable) * min(phi_e, 0.0)
+    return w_e * (phi_e - after)
+
+
 def propose_edits(
     view: LayerView, config: ChronoConfig, params: ObjectiveParams | None = None
 ) -> list[EditCandidate]:
@@ -320,9 +373,12 @@ def propose_edits(
     in_play, measured = _masks(view)
     f_before = free_energy(view, config, params)
     big_f = f_before.total
-    psi = 1.0 - f_before.misfit
+    psi = _psi(view, measured)
+    s = float(view.starvation)
+    served = 1.0 - s  # Psi enters the misfit as (1 - s) * Psi: starved tokens fit no expert
     w = _shares(view, measured)
     r = redundancy_matrix(view, params)
+    overlap = routing_overlap(view)
     excess = _excess_bimodality(view, in_play, params)
     lam, rho, kappa = config.lambda_complexity, config.rho_redundancy, config.kappa_instability
     n_in_play = int(in_play.sum())
@@ -337,18 +393,24 @@ def propose_edits(
         return -rho * float(r[e].sum()), -kappa * float(excess[e])
 
     if can_remove:
-        # PRUNE: worst slow coherence among judged experts (not the only measured one).
-        prunable = judged & (w < 1.0 - 1e-9)
+        # PRUNE: the worst judged expert, only when persistently decoherent (phi_slow below the floor).
+        prunable = judged & (phi < params.prune_coherence_floor) & (w < 1.0 - 1e-9)
         if bool(prunable.any()):
             e = int(torch.where(prunable, phi, float("inf")).argmin())
-            we = float(w[e])
-            misfit = we * (float(phi[e]) - psi) / (1.0 - we)
-            red, ins = removal(e)
-            out.append(EditCandidate(
-                "prune", layer, e, big_f, FreeEnergy(misfit, -lam, red, ins),
-                f"L{layer} E{e}: worst slow coherence phi_slow={float(phi[e]):.3f} vs layer Psi={psi:.3f} "
-                f"(share {we:.3f}); its traffic is assumed to move to the other experts",
-            ))
+            others = measured.clone()
+            others[e] = False
+            f = int(torch.where(others, overlap[e], -1.0).argmax())
+            a = float(overlap[e, f]) if bool(others[f]) else 0.0
+            phi_f = float(phi[f]) if bool(others[f]) else 0.0
+            if a >= params.prune_min_absorbable:  # otherwise its tokens have nowhere to go: keep it
+                misfit = served * _moved_traffic_misfit(float(phi[e]), float(w[e]), a, phi_f)
+                red, ins = removal(e)
+                out.append(EditCandidate(
+                    "prune", layer, e, big_f, FreeEnergy(misfit, -lam, red, ins),
+                    f"L{layer} E{e}: persistently decoherent, phi_slow={float(phi[e]):.3f} < floor "
+                    f"{params.prune_coherence_floor} over {int(view.observations[e])} observations (share "
+                    f"{float(w[e]):.3f}); {a:.0%} of its traffic absorbable by E{f} (phi_slow={phi_f:.3f})",
+                ))
         # PRUNE, utilisation fallback: never fired over the window, hence unmeasurable.
         dead = eligible & ~view.fired
         if bool(dead.any()):
@@ -360,25 +422,29 @@ def propose_edits(
                 f"{int(dead.sum())} such expert(s) in the layer): utilisation fallback",
                 fallback=True,
             ))
-        # MERGE: the most redundant pair of judged experts; the more used one survives.
+        # MERGE: the most redundant pair of judged experts; the more used one survives and absorbs the
+        # other's traffic (the router's interchangeability says how much of it the survivor can serve).
         pair_ok = judged.unsqueeze(0) & judged.unsqueeze(1)
         rr = torch.where(pair_ok, r, 0.0)
-        if float(rr.max()) > 0:
+        if float(rr.max()) > 0 and float(rr.max()) >= params.merge_min_redundancy:
             flat = int(rr.argmax())
             a, b = divmod(flat, view.num_slots)
             share = torch.nan_to_num(view.share_slow, nan=0.0)
             survivor, absorbed = (a, b) if (float(share[a]), -a) >= (float(share[b]), -b) else (b, a)
             red, ins = removal(absorbed)
+            misfit = served * max(0.0, _moved_traffic_misfit(  # never credited with a coherence gain
+                float(phi[absorbed]), float(w[absorbed]), float(overlap[absorbed, survivor]), float(phi[survivor])
+            ))
             out.append(EditCandidate(
-                "merge", layer, absorbed, big_f, FreeEnergy(0.0, -lam, red, ins),
+                "merge", layer, absorbed, big_f, FreeEnergy(misfit, -lam, red, ins),
                 f"L{layer} E{absorbed} into E{survivor}: most redundant pair r={float(rr[a, b]):.3f} "
                 f"(role cos {float(_cos(view.role[a], view.role[b])):.3f}, phi_slow {float(phi[a]):.3f}/"
-                f"{float(phi[b]):.3f}, co-activation {float(view.coactivation[a, b]):.3f})",
+                f"{float(phi[b]):.3f}, routing overlap {float(overlap[a, b]):.3f})",
                 partner_id=survivor,
             ))
     if can_add:
-        # SPLIT: the most bimodal judged expert.
-        bim = torch.where(judged, torch.nan_to_num(view.bimodality, nan=0.0), 0.0)
+        # SPLIT: the most bimodal judged expert, only above the bimodality threshold.
+        bim = torch.where(judged, excess, 0.0)
         if float(bim.max()) > 0:
             e = int(bim.argmax())
             misfit, detail = 0.0, "centroid coherence unknown: misfit predicted unchanged"
@@ -387,22 +453,24 @@ def propose_edits(
                      else torch.full((2,), 0.5, dtype=torch.float64))
                 q = q / q.sum() if float(q.sum()) > 0 else torch.full((2,), 0.5, dtype=torch.float64)
                 phi_children = float((q * view.centroid_phi[:, e]).sum())
-                misfit = float(w[e]) * (float(phi[e]) - phi_children)
+                misfit = served * float(w[e]) * (float(phi[e]) - phi_children)
                 detail = f"children's coherence {phi_children:.3f} vs parent {float(phi[e]):.3f}"
             out.append(EditCandidate(
                 "split", layer, e, big_f, FreeEnergy(misfit, lam, 0.0, -kappa * float(excess[e])),
-                f"L{layer} E{e}: most bimodal expert, bimodality={float(bim[e]):.3f} "
+                f"L{layer} E{e}: most bimodal expert, bimodality={float(view.bimodality[e]):.3f} "
                 f"(threshold {params.bimodality_threshold}); {detail}",
             ))
         # SPAWN: starved tokens while the experts themselves are coherent.
-        s = float(view.starvation)
-        if s > 0 and bool(measured.any()):
-            median_phi = float(phi[measured].median())
-            if median_phi >= config.tau:
+        if s > params.starvation_floor and bool(judged.any()):
+            median_phi = float(phi[judged].median())
+            if median_phi > params.prune_coherence_floor:
+                taken = min(s, 1.0 / (n_in_play + 1))
                 out.append(EditCandidate(
-                    "spawn", layer, None, big_f, FreeEnergy(-s * (1.0 - psi), lam, 0.0, 0.0),
+                    "spawn", layer, None, big_f, FreeEnergy(-taken * max(psi, 0.0), lam, 0.0, 0.0),
                     f"L{layer}: {s:.1%} of tokens fit no expert (starvation) while experts are coherent "
-                    f"(median phi_slow={median_phi:.3f} >= tau={config.tau}); misfit 1-Psi={1.0 - psi:.3f}",
+                    f"(median phi_slow={median_phi:.3f} > floor {params.prune_coherence_floor}); a new expert is predicted to "
+                    f"serve {taken:.1%} of the traffic (at most its fair share 1/{n_in_play + 1}) at the layer's "
+                    f"Psi={psi:.3f}",
                 ))
     return out
 

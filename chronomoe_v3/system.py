@@ -228,19 +228,28 @@ class ChronoSystem:
 
     @staticmethod
     def _accumulate_coactivation(st: _LayerState, trace: MoETrace, mask: Tensor) -> None:
+        """Co-routing from the clean router (any top-k): for each real token and each expert e among its clean
+        top-2, row e adds the router's interchangeability of every active f, `min(1, p_f / p_e)`
+        (`C_ee += 1`). `C_ef / C_ee` is then how nearly the router would give e's tokens to f: ~1 for a
+        duplicate, ~0 for a distinct expert behind a confident router, however often it is the runner-up
+        (a co-selection count cannot tell these apart). Without clean logits: co-selection of the top-k."""
         e = trace.num_experts
-        if trace.top_k >= 2 or trace.router_logits_clean is None:
+        t = trace.topk_index.shape[0]
+        if trace.router_logits_clean is None:
             index, keep = trace.topk_index.to(torch.long), trace.kept_slots()
-        else:  # top-1: redundant experts that split the same tokens never co-fire; use the clean top-2
-            z = trace.router_logits_clean.float().masked_fill(~mask, float("-inf"))
-            index = z.topk(min(2, e), dim=-1).indices
+            target = torch.where(keep, index, torch.full_like(index, e))
+            onehot = torch.zeros(t, e + 1, device=index.device).scatter_(1, target, 1.0)[:, :e]
+            st.coactivation.add_(onehot.T @ onehot)
+        else:
+            logp = torch.log_softmax(trace.router_logits_clean.float().masked_fill(~mask, float("-inf")), dim=-1)
+            index = logp.topk(min(2, e), dim=-1).indices  # [T, 2]
             keep = mask[index]
             if trace.token_mask is not None:
                 keep = keep & trace.token_mask.unsqueeze(1)
-        t = index.shape[0]
-        target = torch.where(keep, index, torch.full_like(index, e))
-        onehot = torch.zeros(t, e + 1, device=index.device).scatter_(1, target, 1.0)[:, :e]
-        st.coactivation.add_(onehot.T @ onehot)
+            own = logp.gather(1, index)  # [T, 2]
+            ratio = torch.exp((logp.unsqueeze(1) - own.unsqueeze(-1)).clamp_max(0.0)).nan_to_num(0.0)  # [T, 2, E]
+            ratio = ratio * keep.unsqueeze(-1)
+            st.coactivation.index_add_(0, index.reshape(-1), ratio.reshape(-1, e))
         real = trace.token_mask.float().sum() if trace.token_mask is not None else torch.tensor(float(t))
         st.coactivation_tokens.add_(real.to(st.coactivation_tokens.device))
 

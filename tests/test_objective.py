@@ -104,18 +104,36 @@ def _by_action(cands: list[EditCandidate]) -> dict[str, list[EditCandidate]]:
     return out
 
 
-def test_prune_prediction_matches_formula_and_recomputed_F() -> None:
-    view = make_view(fired=torch.ones(5, dtype=torch.bool))
+def test_prune_prediction_matches_formula() -> None:
+    # E1 persistently decoherent (phi < floor 0) and 80% of its traffic absorbable by E0 (O_10 = 0.16 / 0.2).
+    coact = make_view().coactivation.clone()
+    coact[1, 0] = 0.16
+    view = make_view(fired=torch.ones(5, dtype=torch.bool), phi_slow=torch.tensor([0.9, -0.3, 0.8, NAN, NAN]),
+                     coactivation=coact)
     (prune,) = _by_action(propose_edits(view, CFG))["prune"]
-    assert prune.expert_id == 1 and not prune.fallback and "worst slow coherence" in prune.reason
-    misfit = 0.2 * (0.5 - PSI) / (1 - 0.2)
+    assert prune.expert_id == 1 and not prune.fallback and "persistently decoherent" in prune.reason
+    assert "80% of its traffic absorbable by E0" in prune.reason
+    # Absorbed traffic takes E0's coherence; the rest keeps min(phi_e, 0): no credit for stranding it.
+    misfit = 0.2 * (-0.3 - (0.8 * 0.9 + 0.2 * min(-0.3, 0.0)))
     assert prune.delta.misfit == pytest.approx(misfit)
     assert prune.delta.complexity == pytest.approx(-CFG.lambda_complexity)
     assert prune.delta.redundancy == 0.0 and prune.delta.instability == 0.0
     assert prune.F_before == pytest.approx(free_energy(view, CFG).total)
-    # The prediction equals F recomputed on the layer without E1 (its share moves to the others).
-    after = free_energy(make_view(active=torch.tensor([True, False, True, True, False])), CFG)
-    assert prune.F_after_predicted == pytest.approx(after.total)
+
+
+def test_no_coherence_prune_without_evidence() -> None:
+    # Below the layer average but above the floor: not a reason (the old rule pruned E1 here).
+    view = make_view(fired=torch.ones(5, dtype=torch.bool))
+    assert "prune" not in _by_action(propose_edits(view, CFG))
+    # Decoherent but unique (nothing can absorb its traffic): kept.
+    unique = make_view(fired=torch.ones(5, dtype=torch.bool), phi_slow=torch.tensor([0.9, -0.3, 0.8, NAN, NAN]))
+    assert "prune" not in _by_action(propose_edits(unique, CFG))
+    # Decoherent and absorbable, but not yet observed long enough: not judged.
+    coact = make_view().coactivation.clone()
+    coact[1, 0] = 0.16
+    young = make_view(fired=torch.ones(5, dtype=torch.bool), phi_slow=torch.tensor([0.9, -0.3, 0.8, NAN, NAN]),
+                      coactivation=coact, observations=torch.tensor([100, 99, 100, 0, 0]))
+    assert "prune" not in _by_action(propose_edits(young, CFG))
 
 
 def test_never_firing_expert_is_pruned_through_the_fallback() -> None:
@@ -137,10 +155,19 @@ def test_never_firing_expert_is_pruned_through_the_fallback() -> None:
 
 
 def test_merge_prediction() -> None:
-    (merge,) = _by_action(propose_edits(make_view(), CFG))["merge"]
-    # Equal shares: the lower slot survives, E2 is absorbed; its pairs leave R, its bimodality is 0.
+    # make_view's E0/E2 pair is weakly redundant (r = R02 < merge_min_redundancy): no merge.
+    assert "merge" not in _by_action(propose_edits(make_view(), CFG))
+    # Duplicates: same role and coherence, and the router finds them interchangeable on all their tokens.
+    role = make_view().role.clone()
+    role[2] = role[0]
+    coact = make_view().coactivation.clone()
+    coact[0, 2] = coact[2, 0] = 0.4
+    view = make_view(role=role, coactivation=coact, phi_slow=torch.tensor([0.9, 0.5, 0.9, NAN, NAN]))
+    assert redundancy_matrix(view)[0, 2].item() == pytest.approx(1.0)
+    (merge,) = _by_action(propose_edits(view, CFG))["merge"]
+    # Equal shares: the lower slot survives, E2 is absorbed; all its traffic is absorbable at the same phi.
     assert (merge.expert_id, merge.partner_id) == (2, 0)
-    assert _parts(merge.delta) == pytest.approx((0.0, -CFG.lambda_complexity, -CFG.rho_redundancy * R02, 0.0))
+    assert _parts(merge.delta) == pytest.approx((0.0, -CFG.lambda_complexity, -CFG.rho_redundancy * 1.0, 0.0))
     assert "most redundant pair" in merge.reason
 
 
@@ -163,11 +190,18 @@ def test_split_prediction_uses_centroid_coherence() -> None:
 
 def test_spawn_needs_starvation_and_coherent_experts() -> None:
     assert "spawn" not in _by_action(propose_edits(make_view(), CFG))
-    (spawn,) = _by_action(propose_edits(make_view(starvation=0.3), CFG))["spawn"]
+    assert "spawn" not in _by_action(propose_edits(make_view(starvation=0.1), CFG))  # below the floor 0.15
+    view = make_view(starvation=0.3)
+    # Starved tokens fit no expert: they enter the misfit with coherence 0.
+    assert free_energy(view, CFG).misfit == pytest.approx(1 - 0.7 * PSI)
+    (spawn,) = _by_action(propose_edits(view, CFG))["spawn"]
     assert spawn.expert_id is None and "fit no expert" in spawn.reason
-    assert _parts(spawn.delta) == pytest.approx((-0.3 * (1 - PSI), CFG.lambda_complexity, 0.0, 0.0))
-    incoherent = make_view(starvation=0.3, phi_slow=torch.tensor([0.1, 0.2, 0.3, NAN, NAN]))
-    assert "spawn" not in _by_action(propose_edits(incoherent, CFG))  # median phi < tau: not starvation
+    # A new expert takes at most its fair share 1/(N+1) = 0.2 of the traffic (< 0.3 starved), served at Psi.
+    assert _parts(spawn.delta) == pytest.approx((-0.2 * PSI, CFG.lambda_complexity, 0.0, 0.0))
+    incoherent = make_view(starvation=0.3, phi_slow=torch.tensor([-0.1, -0.2, 0.3, NAN, NAN]))
+    assert "spawn" not in _by_action(propose_edits(incoherent, CFG))  # median phi < floor: not starvation
+    young = make_view(starvation=0.3, observations=torch.tensor([10, 10, 10, 0, 0]))
+    assert "spawn" not in _by_action(propose_edits(young, CFG))  # no judged expert: no persistent evidence
 
 
 def test_bounds_and_free_slots() -> None:
@@ -291,6 +325,10 @@ def test_validation() -> None:
         free_energy(make_view(starvation=1.5), CFG)
     with pytest.raises(ValueError, match="bimodality_threshold"):
         ObjectiveParams(bimodality_threshold=-0.1)
+    for name, bad in (("prune_coherence_floor", 1.5), ("merge_min_redundancy", -0.1), ("starvation_floor", 1.0),
+                      ("prune_min_absorbable", 2.0)):
+        with pytest.raises(ValueError, match=name):
+            ObjectiveParams(**{name: bad})
 
 
 def test_select_edits_requires_a_flag_per_layer() -> None:
