@@ -2,46 +2,49 @@
 
 Everything here is a pure function of a `LayerView` (what the slow clock reads for one layer) and the
 config; it runs at `system.step()` time, where host transfers are allowed, and returns Python floats.
+docs/objective.md has the formulas with the reasoning and the scenario evidence.
 
 Free energy of a layer, with `in_play = active | cooling` and `measured = in_play & isfinite(phi_slow)`:
 
-    F = (1 - Psi_slow) + lambda * N_active + rho * R + kappa * I
+    F = (1 - (1 - s) Psi_slow) + lambda * N_active + rho * R + kappa * I
 
-- `Psi_slow = sum_e w_e phi_slow_e`, `w` the slow token shares renormalised over measured experts
-  (`coherence.layer_coherence`); a layer with no measured expert has Psi 0 (misfit 1).
-- `N_active` = number of slots in play (cooling experts included: they hold a slot and serve tokens).
-- `R = sum_{e<f measured} r_ef`, a continuous redundancy score per pair,
-  `r_ef = (relu(cos(role_e, role_f)) * (1 - |phi_e - phi_f| / 2)) ** sharpness * overlap_ef`,
-  `overlap_ef = coact_ef / min(coact_ee, coact_ff)` (clamped to [0, 1]): the fraction of the less used
-  expert's tokens that also go to the other. Each factor is in [0, 1]; `r_ef` is near 1 only when the
-  role vectors and the slow coherences nearly coincide *and* the two experts serve the same tokens.
-- `I = sum_{e in_play} relu(bimodality_e - bimodality_threshold)`: bimodality in excess of a threshold.
-`FreeEnergy` holds the four *weighted* terms, so that they sum to F (and, for a candidate, to delta_F).
+- `Psi_slow = sum_e w_e phi_slow_e`, `w` the slow token shares renormalised over measured experts; a layer
+  with no measured expert has Psi 0. `s` = starvation (slow EMA of the fraction of tokens no expert fits,
+  `starvation_fraction`): starved tokens enter the misfit with coherence 0, so a layer can have a high
+  misfit while its experts are individually coherent (SPEC 7's condition for spawn).
+- `N_active` = number of slots in play (cooling experts included).
+- `R = sum_{e<f measured} r_ef`, `r_ef = (relu(cos(role_e, role_f)) * (1 - |phi_e - phi_f| / 2)) ** sharpness
+  * overlap_ef`, with `overlap_ef` the routing overlap read from the less used expert's row
+  (`routing_overlap`: how nearly the clean router would give e's tokens to f; ~1 for duplicates).
+- `I = sum_{e in_play} relu(bimodality_e - bimodality_threshold)`.
 
-Candidate edits (never on cooling experts; measured candidates need `min_observations_to_flag`
-observations) and their predicted deltas:
-- PRUNE the measured expert with the lowest phi_slow. Its share moves to the other measured experts in
-  proportion, their phi unchanged: `Psi' = (Psi - w_e phi_e) / (1 - w_e)`, so the misfit changes by
-  `w_e (phi_e - Psi) / (1 - w_e)`; N - 1; its pairs leave R; its excess bimodality leaves I.
-- PRUNE through the **utilisation fallback**: an active expert that never fired over the window
-  (`fired == False`: share == 0 on every step of it) is unmeasurable; its predicted delta is
-  `-lambda` (minus any stale R/I terms) and it is selected even when that does not beat
-  `min_improvement` (with the defaults lambda == min_improvement, so the threshold alone would never
-  remove a dead expert). One such candidate per layer per cycle (the lowest slot).
-- MERGE the pair with the largest `r_ef`; the survivor is the more used one. The survivor takes the
-  usage-weighted average, so Psi is predicted unchanged; N - 1; the absorbed expert's pairs leave R
-  (the survivor's pairs are kept as they are) and its excess bimodality leaves I.
-- SPLIT the most bimodal expert into two children, child j taking role j of the detector with share
-  `w_e q_j` (`q` = centroid weights) and coherence `centroid_phi_j`: the misfit changes by
-  `w_e (phi_e - q_1 centroid_phi_1 - q_2 centroid_phi_2)` (0 when centroid coherence is unknown); its
-  excess bimodality leaves I; N + 1; R is predicted unchanged (the children split the parent's pairs).
-- SPAWN when tokens are starved while the experts themselves are coherent (median phi_slow >= tau).
-  **Starvation** (`starvation_fraction`) is the fraction of real tokens that no expert fits: tokens whose
-  clean router probability mass on their top-k active experts, rescaled so that a uniform router reads 0
-  and a one-hot one reads 1, is below `starvation_confidence`. The system computes it per step from the
-  clean logits (no host sync) and passes its slow EMA in the view. A new expert is predicted to take the
-  starved fraction `s` of the traffic and to remove that fraction of the misfit: misfit delta
-  `-s * (1 - Psi)`; N + 1.
+Why the predictions below are shaped as they are. With the old rule (prune the worst expert, predicted
+`w_e (phi_e - Psi) / (1 - w_e) - lambda`, and `lambda == min_improvement`) any below-average expert passed
+the bar, so healthy layers pruned; LOO phi of a healthy specialist can even be negative (its output need
+not point with the others' mean). Removing an expert is only a gain when its traffic has somewhere to go.
+So every removal predicts where the traffic moves (`_moved_traffic_misfit`): the fraction `a` that the
+router finds interchangeable with a neighbour f is served at f's coherence; the rest has no expert that fits
+it and keeps `min(phi_e, 0)` (a coherent expert's unique service is lost; stranding tokens is never
+credited).
+
+Candidates (never on cooling experts; "judged" = active, measured, >= `min_observations_to_flag`):
+- PRUNE (coherence): the judged expert with the lowest phi_slow, only if `phi_slow < prune_coherence_floor`
+  (default 0: "even when used it is decoherent, persistently") and its best absorber takes
+  `a >= prune_min_absorbable` (0.5) of its traffic. Misfit delta `(1 - s) w_e (phi_e - a phi_f -
+  (1 - a) min(phi_e, 0))`; N - 1; its pairs leave R; its excess bimodality leaves I.
+- PRUNE (utilisation fallback): an active expert that never fired over the window; delta `-lambda` (minus
+  stale R/I terms); selected even when that does not beat `min_improvement`. One per layer per cycle.
+- MERGE the pair with the largest r_ef, only if `r_ef >= merge_min_redundancy` (0.5); the more used one
+  survives and takes the other's traffic with `a = overlap[absorbed, survivor]`; misfit delta
+  `max(0, moved-traffic misfit)` (a merge is justified by redundancy, never credited with a coherence gain);
+  N - 1; the absorbed expert's pairs leave R and its excess bimodality leaves I.
+- SPLIT the most bimodal judged expert above `bimodality_threshold`: children take roles j with weights q_j
+  and coherence `centroid_phi_j`: misfit delta `(1 - s) w_e (phi_e - sum_j q_j centroid_phi_j)` (0 when
+  unknown); its excess bimodality leaves I; N + 1; R unchanged.
+- SPAWN when `s > starvation_floor` (0.15) persistently (at least one judged expert) while the judged
+  experts are individually coherent (median phi_slow above the prune floor): the new expert is predicted
+  to serve `min(s, 1 / (N + 1))` of the traffic (a starved share, at most its fair share) at the layer's
+  coherence: misfit delta `-min(s, 1/(N+1)) * max(Psi, 0)`; N + 1.
 Removing edits need `N - 1 >= min_experts_per_layer`; adding edits need `N + 1 <= max_experts_per_layer`
 and a free slot.
 
@@ -116,9 +119,10 @@ class LayerView:
     phi_slow [E]: debiased slow coherence, NaN = unmeasured. share_slow [E]: slow token share.
     fired [E] bool: share > 0 on at least one step of the recent window (False only after a full window).
     role [E, H]: role vectors (NaN rows = never measured). bimodality [E]: BimodalityState.bimodality.
-    coactivation [E, E]: fraction of tokens routed to both e and f over the window (diagonal: to e); for
-    top-1 routing build it from the clean router's top-2, or redundant experts that split the same tokens
-    never co-fire. starvation: slow EMA of `starvation_fraction`. observations [E]: measured steps.
+    coactivation [E, E]: co-routing over the window, any scale (only ratios are read): row e sums, over
+    tokens with e among the clean top-2, the router's interchangeability `min(1, p_f / p_e)` (so the
+    diagonal counts e's candidate tokens); see `routing_overlap`. starvation: slow EMA of
+    `starvation_fraction`. observations [E]: measured steps.
     centroid_phi / centroid_weights [2, E] (optional): BimodalityState readings for the split prediction.
     """
 
@@ -299,8 +303,8 @@ def routing_overlap(view: LayerView) -> Tensor:
     """
     view = view.to_host()
     usage = view.coactivation.diagonal().clamp_min(0.0)
-    overlap = torch.where(usage.unsqueeze(1) > 0, view.coactivation.clamp_min(0.0) / usage.unsqueeze(1).clamp_min(_EPS),
-                          0.0)
+    rows = usage.unsqueeze(1)
+    overlap = torch.where(rows > 0, view.coactivation.clamp_min(0.0) / rows.clamp_min(_EPS), 0.0)
     return overlap.clamp(0.0, 1.0).fill_diagonal_(0.0)
 
 
@@ -468,9 +472,9 @@ def propose_edits(
                 out.append(EditCandidate(
                     "spawn", layer, None, big_f, FreeEnergy(-taken * max(psi, 0.0), lam, 0.0, 0.0),
                     f"L{layer}: {s:.1%} of tokens fit no expert (starvation) while experts are coherent "
-                    f"(median phi_slow={median_phi:.3f} > floor {params.prune_coherence_floor}); a new expert is predicted to "
-                    f"serve {taken:.1%} of the traffic (at most its fair share 1/{n_in_play + 1}) at the layer's "
-                    f"Psi={psi:.3f}",
+                    f"(median phi_slow={median_phi:.3f} > floor {params.prune_coherence_floor}); a new expert is "
+                    f"predicted to serve {taken:.1%} of the traffic (at most its fair share 1/{n_in_play + 1}) "
+                    f"at the layer's Psi={psi:.3f}",
                 ))
     return out
 
