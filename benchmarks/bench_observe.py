@@ -127,6 +127,28 @@ def run_shape(name: str, shape: dict[str, int], device: torch.device, dtype: tor
     ms_ffn = timer(device, ffn_fwd_bwd, max(3, repeats // 4))
     ms_obs = timer(device, observe, repeats)
     ms_loop = timer(device, loop, max(3, repeats // 4))
+
+    # In training the observe kernels are enqueued inside the forward while the GPU is still busy with the
+    # expert FFN, so their host-side launch cost overlaps device work: the marginal cost of a step with
+    # observation over a step without it is what a user pays. (On the CPU nothing overlaps.)
+    def ffn_step(obs: Callable[[], None] | None) -> Callable[[], None]:
+        def run() -> None:
+            out = grouped_mm(F.silu(grouped_mm(rows, w_gate, offsets)) * grouped_mm(rows, w_up, offsets), w_down,
+                             offsets)
+            if obs is not None:
+                obs()
+            out.backward(torch.ones_like(out))
+        return run
+
+    reps = max(5, repeats // 2)
+    ms_step_plain = timer(device, ffn_step(None), reps)
+    ms_step_obs = timer(device, ffn_step(observe), reps)
+    ms_step_plain2 = timer(device, ffn_step(None), reps)  # repeat: the spread of identical runs is the noise
+    ms_step_loop = timer(device, ffn_step(loop), max(3, repeats // 4))
+    base = min(ms_step_plain, ms_step_plain2)
+    marginal_obs = max(ms_step_obs - base, 0.0)
+    marginal_loop = max(ms_step_loop - base, 0.0)
+    ms_graph = float("nan")
     syncs = "not checked (CPU)"
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -138,6 +160,19 @@ def run_shape(name: str, shape: dict[str, int], device: torch.device, dtype: tor
             syncs = "SYNC at " + _where()
         finally:
             torch.cuda.set_sync_debug_mode(0)
+        try:  # device time of the observe kernels alone, without Python launch overhead
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    observe()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                observe()
+            ms_graph = timer(device, graph.replay, repeats)
+        except RuntimeError as exc:
+            print(f"  CUDA graph capture of observe failed: {exc}")
     state_bytes = sum(b.numel() * b.element_size() for b in state.buffers())
     return {
         "shape": name,
@@ -147,6 +182,16 @@ def run_shape(name: str, shape: dict[str, int], device: torch.device, dtype: tor
         "observe_ms": ms_obs,
         "loop_observe_ms": ms_loop,
         "observe_pct_of_ffn": 100.0 * ms_obs / ms_ffn,
+        "observe_device_ms_cuda_graph": ms_graph,
+        "observe_device_pct_of_ffn": 100.0 * ms_graph / ms_ffn,
+        "step_ms_without_observe": base,
+        "step_ms_with_observe": ms_step_obs,
+        "step_ms_with_loop_observe": ms_step_loop,
+        "step_noise_ms": abs(ms_step_plain - ms_step_plain2),
+        "marginal_observe_ms": marginal_obs,
+        "marginal_observe_pct": 100.0 * marginal_obs / base,
+        "marginal_loop_ms": marginal_loop,
+        "marginal_loop_pct": 100.0 * marginal_loop / base,
         "loop_pct_of_ffn": 100.0 * ms_loop / ms_ffn,
         "speedup_vs_loop": ms_loop / ms_obs,
         "host_syncs_per_step": syncs,
@@ -211,13 +256,21 @@ def main() -> int:
         f"Device: {meta['device']}; torch {meta['torch']}; dtype {rows[0]['dtype']}; median of repeats.",
         f"Command: `python benchmarks/bench_observe.py --device {args.device}`",
         "",
-        "| shape | FFN fwd+bwd ms | observe ms | observe % | loop-style ms | loop % | speed-up | host syncs |",
-        "|---|---|---|---|---|---|---|---|",
+        "Isolated: each path timed alone (on a GPU the observe path is then bound by Python launch overhead).",
+        "Marginal: a training step (FFN fwd, observe, FFN bwd) with observation minus the same step without it.",
+        "Device: the observe kernels replayed from a CUDA graph (pure GPU time).",
+        "",
+        "| shape | FFN fwd+bwd ms | observe isolated ms (%) | observe device ms (%) | observe marginal ms (%) "
+        "| loop isolated ms (%) | loop marginal ms (%) | speed-up isolated | host syncs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['shape']} | {r['ffn_fwd_bwd_ms']:.3f} | {r['observe_ms']:.3f} | {r['observe_pct_of_ffn']:.2f}% | "
-            f"{r['loop_observe_ms']:.3f} | {r['loop_pct_of_ffn']:.1f}% | {r['speedup_vs_loop']:.1f}x | "
+            f"| {r['shape']} | {r['ffn_fwd_bwd_ms']:.3f} | {r['observe_ms']:.3f} ({r['observe_pct_of_ffn']:.2f}%) | "
+            f"{r['observe_device_ms_cuda_graph']:.3f} ({r['observe_device_pct_of_ffn']:.2f}%) | "
+            f"{r['marginal_observe_ms']:.3f} ({r['marginal_observe_pct']:.2f}%, noise {r['step_noise_ms']:.3f}) | "
+            f"{r['loop_observe_ms']:.3f} ({r['loop_pct_of_ffn']:.1f}%) | "
+            f"{r['marginal_loop_ms']:.3f} ({r['marginal_loop_pct']:.1f}%) | {r['speedup_vs_loop']:.1f}x | "
             f"{r['host_syncs_per_step']} |"
         )
     lines += ["", f"Training-step sync check: {meta['training_step_sync_check']}", "",

@@ -81,12 +81,14 @@ def compute_expert_stats(trace: MoETrace, reduction: str = "auto") -> ExpertStat
         sums[1].index_add_(0, target, yf * w.float().unsqueeze(1))
         sum_out, sum_weighted = sums[0, :e], sums[1, :e]
     else:
-        onehot = (idx.unsqueeze(0) == torch.arange(e, device=device).unsqueeze(1)) & keep.unsqueeze(0)
-        a = onehot.to(y.dtype)
-        both = torch.cat([a, a * w.to(y.dtype).unsqueeze(0)], 0)  # [2E, T*K]
+        # Rows [0, E): one-hot of the kept slots; rows [E, 2E): the same scaled by the gate weights.
+        target = torch.where(keep, idx, torch.full_like(idx, e))
+        both = torch.empty(2 * e, t * k, dtype=y.dtype, device=device)
+        both[:e].copy_(target.unsqueeze(0) == torch.arange(e, device=device).unsqueeze(1))
+        torch.mul(both[:e], w.to(y.dtype).unsqueeze(0), out=both[e:])
         prod = _onehot_reduce(both, y)
         sum_out, sum_weighted = prod[:e], prod[e:]
-        counts = onehot.sum(1, dtype=torch.float32)
+        counts = both[:e].sum(1, dtype=torch.float32)
     finite = torch.isfinite(sum_out).all(1) & torch.isfinite(sum_weighted).all(1)
     zero = torch.zeros((), device=device)
     sum_out = torch.where(finite.unsqueeze(1), sum_out, zero)
