@@ -1,0 +1,17 @@
+"""The Python snippets of firststeps.md run, in order, in one namespace (the guide stays true)."""
+
+import re
+from pathlib import Path
+
+import torch
+
+
+def test_firststeps_snippets_run():
+    text = (Path(__file__).parent.parent / "firststeps.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    namespace: dict = {}
+    torch.manual_seed(0)
+    for block in blocks:
+        exec(compile(block, "firststeps.md", "exec"), namespace)
+    assert namespace["result"].coherence_state is not None
