@@ -89,7 +89,9 @@ def loop_observe(trace: MoETrace, value: torch.Tensor, decay: torch.Tensor, alph
     decay.copy_(torch.where(measured, decay * a, decay))
 
 
-def run_shape(name: str, shape: dict[str, int], device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+def run_shape(
+    name: str, shape: dict[str, int], device: torch.device, dtype: torch.dtype, repeats: int, compiled: bool = False
+) -> dict:
     t, h, e, k, i = (shape[x] for x in ("T", "H", "E", "K", "I"))
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(t, h, generator=g).to(device, dtype)
@@ -114,8 +116,10 @@ def run_shape(name: str, shape: dict[str, int], device: torch.device, dtype: tor
     trace = MoETrace(topk_index=idx, topk_weight=w, expert_out=expert_out, num_experts=e)
     state = CoherenceState(e, h, ChronoConfig(), device=device)
 
-    def observe() -> None:
+    def observe_eager() -> None:
         state.observe(compute_expert_stats(trace))
+
+    observe: Callable[[], None] = torch.compile(observe_eager) if compiled else observe_eager
 
     value = torch.zeros(3, e, device=device)
     decay = torch.ones(3, e, device=device)
@@ -230,6 +234,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--compile", action="store_true", help="torch.compile the observe path (fuses small kernels)")
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -239,7 +244,7 @@ def main() -> int:
     rows = []
     for name, shape in shapes.items():
         print(f"timing {name} ...", flush=True)
-        rows.append(run_shape(name, shape, device, dtype, args.repeats))
+        rows.append(run_shape(name, shape, device, dtype, args.repeats, args.compile))
     meta = {
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -248,13 +253,13 @@ def main() -> int:
         "training_step_sync_check": check_training_step_syncs(device) if cuda else "not checked (CPU)",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if cuda else "cpu"
+    tag = ("cuda" if cuda else "cpu") + ("_compiled" if args.compile else "")
     (args.out / f"observe_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [
         f"# Observe-path cost ({tag})",
         "",
         f"Device: {meta['device']}; torch {meta['torch']}; dtype {rows[0]['dtype']}; median of repeats.",
-        f"Command: `python benchmarks/bench_observe.py --device {args.device}`",
+        f"Command: `python benchmarks/bench_observe.py --device {args.device}{' --compile' if args.compile else ''}`",
         "",
         "Isolated: each path timed alone (on a GPU the observe path is then bound by Python launch overhead).",
         "Marginal: a training step (FFN fwd, observe, FFN bwd) with observation minus the same step without it.",

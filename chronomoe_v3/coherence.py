@@ -52,6 +52,7 @@ class ExpertStats:
 REDUCTIONS = ("auto", "index_add", "matmul")
 
 
+@torch.no_grad()
 def compute_expert_stats(trace: MoETrace, reduction: str = "auto") -> ExpertStats:
     """All per-expert statistics of a trace in one vectorised pass, accumulated in fp32.
 

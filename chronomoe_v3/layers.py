@@ -210,9 +210,14 @@ class ChronoMoELayer(nn.Module):
         gate = torch.where(keep, weight, torch.zeros_like(weight)).to(expert_out.dtype)
         mixture = (expert_out * gate.unsqueeze(-1)).sum(1)
         if self._observers and (self.training or self.observe_eval):
+            if self.lens is None:
+                router_input = hidden.detach()
+            else:
+                with torch.no_grad():
+                    router_input = self.lens(hidden)
             trace = MoETrace(
                 topk_index=index,
-                topk_weight=weight,
+                topk_weight=weight.detach(),
                 expert_out=expert_out.detach(),
                 num_experts=e,
                 slot_mask=keep,
@@ -222,6 +227,7 @@ class ChronoMoELayer(nn.Module):
                 router_logits_biased=routing.logits_biased.detach(),
                 layer_id=self.layer_id,
                 bridge=routing.bridge.detach() if routing.bridge is not None else None,
+                router_input=router_input,
             )
             for fn in self._observers.values():
                 fn(trace)

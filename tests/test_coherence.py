@@ -220,6 +220,7 @@ def test_bf16_trace_accumulates_in_fp32():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matmul_and_index_add_reductions_agree(seed):
     tr = _random_trace(seed=seed, t=700, drop=0.3)
+    tr.topk_weight.requires_grad_(True)  # traces straight from a forward carry autograd history
     a = compute_expert_stats(tr, reduction="index_add")
     b = compute_expert_stats(tr, reduction="matmul")
     for f in ("counts", "sum_out", "sum_weighted", "sum_mixture", "num_tokens"):
