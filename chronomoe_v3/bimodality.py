@@ -49,18 +49,18 @@ DEFAULT_RESEED_BALANCE = 0.05
 _ABS_ZERO = 1e-30
 
 
-def sample_expert_outputs(
+def sample_slots(
     trace: MoETrace, samples_per_expert: int = DEFAULT_SAMPLES_PER_EXPERT, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Up to `S` random kept token-slot outputs per expert: `(samples [E, S, H] fp32, valid [E, S] bool)`.
+    """Up to `S` random kept token-slots per expert: `(slot [E, S] long, taken [E, S] bool)`.
 
-    Slots are drawn uniformly without replacement among the expert's kept, non-padding slots; rows that are
-    not valid (expert saw fewer than S tokens, or the row is non-finite or zero) are zero. Only `E * S` rows
-    are gathered. `generator` (on the trace's device) makes the draw reproducible.
+    `slot` indexes the flattened `[T*K]` token-slots (token `slot // K`); rows not taken hold 0. Slots are
+    drawn uniformly without replacement among the expert's kept, non-padding slots. `generator` (on the
+    trace's device) makes the draw reproducible.
     """
     if isinstance(samples_per_expert, bool) or not isinstance(samples_per_expert, int) or samples_per_expert < 1:
         raise ValueError(f"samples_per_expert={samples_per_expert!r} is invalid: expected an integer >= 1")
-    t, k, h = trace.expert_out.shape
+    t, k = trace.topk_index.shape
     e, s, n = trace.num_experts, samples_per_expert, t * k
     device = trace.expert_out.device
     idx = trace.topk_index.reshape(n).to(torch.long)
@@ -77,11 +77,41 @@ def sample_expert_outputs(
     src = torch.full((e * s + 1,), n, dtype=torch.long, device=device)
     src[dest] = order  # taken destinations are unique; the dump row e*s is discarded
     src = src[: e * s]
-    valid = src < n
-    rows = trace.expert_out.reshape(n, h)[src.clamp_max(n - 1)].float()
-    valid = valid & torch.isfinite(rows).all(-1) & (rows.abs().sum(-1) > 0)
+    taken = src < n
+    return src.clamp_max(n - 1).view(e, s), taken.view(e, s)
+
+
+def sample_expert_outputs(
+    trace: MoETrace,
+    samples_per_expert: int = DEFAULT_SAMPLES_PER_EXPERT,
+    generator: torch.Generator | None = None,
+    *,
+    details: bool = False,
+) -> tuple[Tensor, ...]:
+    """Up to `S` random kept token-slot outputs per expert: `(samples [E, S, H] fp32, valid [E, S] bool)`.
+
+    Slots are drawn by `sample_slots`; rows that are not valid (expert saw fewer than S tokens, or the row is
+    non-finite or zero) are zero. Only `E * S` rows are gathered. With `details` two more tensors come
+    back: `router_input [E, S, H_r]` (fp32), the sampled tokens' `trace.router_input` (zeros where not valid,
+    or everywhere when the trace has none), and `gate [E, S]` (fp32), the sampled slots' gate weights.
+    """
+    t, k, h = trace.expert_out.shape
+    e, s, n = trace.num_experts, samples_per_expert, t * k
+    device = trace.expert_out.device
+    src, valid = sample_slots(trace, samples_per_expert, generator)
+    src = src.reshape(e * s)
+    rows = trace.expert_out.reshape(n, h)[src].float()
+    valid = valid.reshape(e * s) & torch.isfinite(rows).all(-1) & (rows.abs().sum(-1) > 0)
     rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros((), device=device))
-    return rows.view(e, s, h), valid.view(e, s)
+    if not details:
+        return rows.view(e, s, h), valid.view(e, s)
+    if trace.router_input is None:
+        inputs = torch.zeros(e * s, h, device=device)
+    else:
+        inputs = trace.router_input[src // k].float()
+        inputs = torch.where(valid.unsqueeze(-1), torch.nan_to_num(inputs), torch.zeros((), device=device))
+    gate = torch.where(valid, trace.topk_weight.reshape(n)[src].float(), torch.zeros((), device=device))
+    return rows.view(e, s, h), valid.view(e, s), inputs.view(e, s, -1), gate.view(e, s)
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -93,7 +123,9 @@ class BimodalityState(nn.Module):
 
     Buffers: `centroid [2, E, H]` (c1, c2; unit rows, zero until seeded), `seeded [2, E]` bool,
     `count [2, E]` decayed assignment counts (n1, n2), `centroid_phi_value / centroid_phi_decay [1, 2E]`
-    (EMA of each centroid's cosine to the coherence reference, debiased on read).
+    (EMA of each centroid's cosine to the coherence reference, debiased on read),
+    `router_mean_value [1, 2E, H_r] / router_mean_decay [1, 2E]` (EMA of the mean router input of the samples
+    each centroid won; `router_size` H_r defaults to H). A reseeded centroid forgets its readings.
     """
 
     centroid: Tensor
@@ -101,6 +133,8 @@ class BimodalityState(nn.Module):
     count: Tensor
     centroid_phi_value: Tensor
     centroid_phi_decay: Tensor
+    router_mean_value: Tensor
+    router_mean_decay: Tensor
     alpha: Tensor
 
     def __init__(
@@ -111,11 +145,13 @@ class BimodalityState(nn.Module):
         *,
         seed_cosine: float = DEFAULT_SEED_COSINE,
         reseed_balance: float = DEFAULT_RESEED_BALANCE,
+        router_size: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         config = config if config is not None else ChronoConfig()
-        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size)):
+        router_size = hidden_size if router_size is None else router_size
+        for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size), ("router_size", router_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 1")
         if not -1.0 <= seed_cosine < 1.0:
@@ -130,6 +166,8 @@ class BimodalityState(nn.Module):
         self.register_buffer("count", torch.zeros(2, e, device=device))
         self.register_buffer("centroid_phi_value", torch.zeros(1, 2 * e, device=device))
         self.register_buffer("centroid_phi_decay", torch.ones(1, 2 * e, device=device))
+        self.register_buffer("router_mean_value", torch.zeros(1, 2 * e, router_size, device=device))
+        self.register_buffer("router_mean_decay", torch.ones(1, 2 * e, device=device))
         self.register_buffer("alpha", torch.tensor([config.alpha_centroid], device=device), persistent=False)
 
     @property
@@ -139,6 +177,10 @@ class BimodalityState(nn.Module):
     @property
     def hidden_size(self) -> int:
         return int(self.centroid.shape[-1])
+
+    @property
+    def router_size(self) -> int:
+        return int(self.router_mean_value.shape[-1])
 
     # ------------------------------------------------------------------ update
     @staticmethod
@@ -154,13 +196,20 @@ class BimodalityState(nn.Module):
         valid: Tensor,
         active_mask: Tensor | None = None,
         reference: Tensor | None = None,
+        router_input: Tensor | None = None,
+        gate: Tensor | None = None,
+        load: Tensor | None = None,
     ) -> None:
         """Fold one step's output samples into the detector.
 
         `samples [E, S, H]` (any scale; normalised here) with `valid [E, S]` bool, as returned by
         `sample_expert_outputs`; or one vector per expert `[E, H]` with `valid [E]` (S = 1).
         `active_mask [E]` restricts updates to active slots. `reference [E, H]` (optional): each expert's
-        coherence reference vector for the step, used for `centroid_phi`.
+        coherence reference vector for the step (the leave-one-out mixture `(M - G_e) / N`), used for
+        `centroid_phi`; with `gate [E, S]` (the samples' gate weights) and `load [E]` (`n_e / N`, the expert's
+        tokens per real token) the reference of each role's child also holds its sibling's estimated
+        contribution `load_e / S_e * sum_{s in other role} gate_s * y_s` (see `centroid_phi`). `router_input [E, S, H_r]`
+        (optional): what the router read for each sample, folded into each centroid's `router_mean`.
         """
         if samples.dim() == 2:
             samples, valid = samples.unsqueeze(1), valid.unsqueeze(1)
@@ -221,13 +270,37 @@ class BimodalityState(nn.Module):
         phi_value = torch.where(reseed.view(1, -1), torch.zeros_like(self.centroid_phi_value), self.centroid_phi_value)
         phi_decay = torch.where(reseed.view(1, -1), torch.ones_like(self.centroid_phi_decay), self.centroid_phi_decay)
         if reference is not None:
-            ref = reference.to(self.centroid.device, torch.float32)
-            ref_ok = torch.isfinite(ref).all(-1) & (ref.norm(dim=-1) > 0) & measured
-            ref_cos = (self.centroid * _unit(torch.nan_to_num(ref)).unsqueeze(0)).sum(-1)  # [2, E]
-            phi_ok = (seeded & ref_ok.unsqueeze(0)).view(-1)
+            ref = torch.nan_to_num(reference.to(self.centroid.device, torch.float32)).unsqueeze(0).expand(2, e, h)
+            if gate is not None and load is not None:
+                g = torch.where(valid, gate.to(x.device, torch.float32), torch.zeros((), device=x.device))
+                raw = torch.where(valid.unsqueeze(-1), samples.float(), torch.zeros((), device=x.device))
+                role_sum = torch.einsum("jes,esh->jeh", a, raw * g.unsqueeze(-1))  # [2, E, H]
+                per_sample = load.to(x.device, torch.float32) / num_valid.to(torch.float32)
+                ref = ref + per_sample.view(1, e, 1) * role_sum.flip(0)  # child j's reference: + sibling's part
+            finite = torch.isfinite(reference.to(ref.device)).all(-1).unsqueeze(0)
+            ref_ok = finite & (ref.norm(dim=-1) > 0) & measured.unsqueeze(0)
+            ref_cos = (self.centroid * _unit(ref)).sum(-1)  # [2, E]
+            phi_ok = (seeded & ref_ok).view(-1)
             phi_value, phi_decay = ema_update(phi_value, phi_decay, ref_cos.reshape(-1), phi_ok, alpha)
         self.centroid_phi_value.copy_(phi_value)
         self.centroid_phi_decay.copy_(phi_decay)
+
+        rm_value = torch.where(reseed.view(1, -1, 1), torch.zeros_like(self.router_mean_value), self.router_mean_value)
+        rm_decay = torch.where(reseed.view(1, -1), torch.ones_like(self.router_mean_decay), self.router_mean_decay)
+        if router_input is not None:
+            r = router_input.to(self.router_mean_value.device, torch.float32)
+            if r.dim() == 2:
+                r = r.unsqueeze(1)
+            if tuple(r.shape) != (e, x.shape[1], self.router_size):
+                raise ValueError(
+                    f"router_input has shape {tuple(router_input.shape)}; expected [{e}, {x.shape[1]}, {self.router_size}]"
+                )
+            r = torch.where(valid.unsqueeze(-1), torch.nan_to_num(r), torch.zeros((), device=r.device))
+            total = torch.einsum("jes,esr->jer", a, r)
+            mean = total / a.sum(2, keepdim=True).clamp_min(1.0)
+            rm_value, rm_decay = ema_update(rm_value, rm_decay, mean.reshape(2 * e, -1), won.reshape(-1), alpha)
+        self.router_mean_value.copy_(rm_value)
+        self.router_mean_decay.copy_(rm_decay)
 
     # ------------------------------------------------------------------ slot management
     @torch.no_grad()
@@ -240,6 +313,8 @@ class BimodalityState(nn.Module):
         both = experts.repeat(2).view(1, -1)
         self.centroid_phi_value.masked_fill_(both, 0.0)
         self.centroid_phi_decay.masked_fill_(both, 1.0)
+        self.router_mean_value.masked_fill_(both.unsqueeze(-1), 0.0)
+        self.router_mean_decay.masked_fill_(both, 1.0)
 
     @torch.no_grad()
     def copy_expert(self, src: int, dst: int) -> None:
@@ -251,6 +326,8 @@ class BimodalityState(nn.Module):
         for j in range(2):
             self.centroid_phi_value[:, j * e + dst] = self.centroid_phi_value[:, j * e + src]
             self.centroid_phi_decay[:, j * e + dst] = self.centroid_phi_decay[:, j * e + src]
+            self.router_mean_value[:, j * e + dst] = self.router_mean_value[:, j * e + src]
+            self.router_mean_decay[:, j * e + dst] = self.router_mean_decay[:, j * e + src]
 
     @torch.no_grad()
     def split_expert(self, parent: int, child_a: int, child_b: int) -> None:
@@ -262,12 +339,16 @@ class BimodalityState(nn.Module):
         s = self.seeded[:, parent].clone()
         phi_v = self.centroid_phi_value[0, [parent, e + parent]].clone()
         phi_d = self.centroid_phi_decay[0, [parent, e + parent]].clone()
+        rm_v = self.router_mean_value[0, [parent, e + parent]].clone()
+        rm_d = self.router_mean_decay[0, [parent, e + parent]].clone()
         for j, child in enumerate((child_a, child_b)):
             self.centroid[0, child], self.centroid[1, child] = c[j], 0.0
             self.count[0, child], self.count[1, child] = n[j], 0.0
             self.seeded[0, child], self.seeded[1, child] = s[j], False
             self.centroid_phi_value[0, child], self.centroid_phi_value[0, e + child] = phi_v[j], 0.0
             self.centroid_phi_decay[0, child], self.centroid_phi_decay[0, e + child] = phi_d[j], 1.0
+            self.router_mean_value[0, child], self.router_mean_value[0, e + child] = rm_v[j], 0.0
+            self.router_mean_decay[0, child], self.router_mean_decay[0, e + child] = rm_d[j], 1.0
 
     # ------------------------------------------------------------------ readings
     def centroids(self, expert: int) -> Tensor:
@@ -315,6 +396,20 @@ class BimodalityState(nn.Module):
         return torch.where(total > 0, self.count / total.clamp_min(_ABS_ZERO), torch.zeros_like(self.count))
 
     @property
+    def router_mean(self) -> Tensor:
+        """[2, E, H_r] debiased EMA of the mean router input of the samples each centroid won (alpha_centroid);
+        NaN rows where never measured. A split gives the children router rows that separate these two."""
+        return ema_debiased(self.router_mean_value, self.router_mean_decay).view(2, self.num_experts, -1)
+
+    @property
     def centroid_phi(self) -> Tensor:
-        """[2, E] debiased EMA of cos(c_j, reference); NaN where never measured (no reference given)."""
+        """[2, E] debiased EMA of each role's predicted coherence as a split child; NaN where never measured.
+
+        The coherence a child of role j would have right after a split, measured the way `phi` is measured
+        (its mean output against the leave-one-out mixture of everyone else): `cos(c_j, ref_e + sib_j)`, with
+        `ref_e` the parent's reference and `sib_j` the sibling's (role `not j`) contribution to the mixture,
+        which the parent's own reference leaves out but the child's includes. Without `gate`/`load` in
+        `update` the sibling term is 0. Compare with the parent's `phi` (same estimator, parent's mean), not
+        with a per-role reading of the parent: `phi` is a cosine of a mean, and the mean of two roles is
+        better aligned with the reference than either role by construction."""
         return ema_debiased(self.centroid_phi_value, self.centroid_phi_decay).view(2, self.num_experts)

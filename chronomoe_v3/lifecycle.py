@@ -11,8 +11,14 @@ Per-slot state after an edit:
 - merge: the survivor keeps its history; where the router has no bias, the joint-mass shift the op returns
   (`log 2` for equal rows) is added to the survivor's beta (clipped to the beta bounds);
 - split: both children inherit the parent's clock history (they are `cooling`, so never judged on it);
-  the detector hands role 1 to the child in the parent's slot and role 2 to the new slot; both children
-  start at the parent's beta shifted by `-log 2` where the router has no bias (clipped), i.e. below it;
+  the detector hands role 1 to the child in the parent's slot and role 2 to the new slot. The children's
+  router rows separate the two roles (`split_router_margin`, default `SPLIT_ROUTER_MARGIN`): anchored at the
+  detector's per-role mean router inputs, each child keeps the parent's logit for its own role's tokens and
+  sits `2 * margin` below it for the other role's (`ops.split`), so the roles go to different children even
+  under top-1 routing, where the router may get no gradient to break a tie. Without usable anchors (never
+  measured, or collinear) both children keep the parent's row. Both children start at the parent's beta
+  plus the op's mass-preserving shift (`-log(1 + exp(-2 margin))`; `-log 2` at margin 0) where the router
+  has no bias (clipped), i.e. at or below it;
 - spawn: the new slot starts fresh with beta 0. The clone parent (`clone_and_perturb`) is the most used
   judged expert of the layer.
 """
@@ -34,7 +40,12 @@ from .config import ChronoConfig
 from .decisions import CompetingEdit, DecisionRecord, ExpertCoherence, PredictedFreeEnergy
 from .objective import EditCandidate, LayerDecision, LayerView, ObjectiveParams, propose_edits, select_edits
 from .ops import EditRecord, OptimizerSurgery, merge, prune, spawn, split
-from .registry import ExpertRegistry
+from .ops.common import separating_offsets
+from .registry import EditError, ExpertRegistry
+
+# Split children's router margin: at its role's mean router input a child takes 1 / (1 + e^-4) = 98% of
+# the parent's routing mass (the sibling the rest).
+SPLIT_ROUTER_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,7 @@ def apply_edit(
     step: int,
     generator: torch.Generator | None = None,
     surgery: OptimizerSurgery | None = None,
+    split_router_margin: float = SPLIT_ROUTER_MARGIN,
 ) -> EditRecord:
     """Execute one selected edit on the layer's weights, registry and optimiser, and update per-slot state.
 
@@ -130,12 +142,16 @@ def apply_edit(
         assert edit.expert_id is not None
         parent = edit.expert_id
         parent_beta = _beta(bias, parent)
-        record = split(registry, banks, layer, parent, step=step, generator=generator, optimizer=surgery)
+        anchors = split_anchors(bim, parent) if split_router_margin > 0 else None
+        record = split(
+            registry, banks, layer, parent, step=step, generator=generator, optimizer=surgery,
+            router_margin=split_router_margin if anchors is not None else 0.0, router_anchors=anchors,
+        )
         target = record.fresh_slots[0]
         coh.copy_expert(parent, target)
         bim.split_expert(parent, parent, target)
-        shift = 0.0 if record.logit_shift_applied else -math.log(2.0)
         for child in (parent, target):
+            shift = 0.0 if record.logit_shift_applied else record.logit_shift[child]
             _set_beta(bias, child, parent_beta + shift)
     elif edit.action == "spawn":
         judged = view.active & ~view.cooling
@@ -155,6 +171,18 @@ def apply_edit(
         for slot in fresh:
             _set_beta(bias, slot, 0.0)
     return record
+
+
+def split_anchors(bim: BimodalityState, parent: int) -> tuple[Tensor, Tensor] | None:
+    """The parent's two per-role mean router inputs (role 1 -> the child in the parent's slot, role 2 -> the
+    new slot), or None where they cannot anchor a split (never measured, zero or collinear)."""
+    means = bim.router_mean[:, parent].detach()
+    anchors = (means[0], means[1])
+    try:
+        separating_offsets(anchors[0], anchors[1], 1.0)
+    except EditError:
+        return None
+    return anchors
 
 
 def expert_readings(view: LayerView, coh: CoherenceState, bias: SlowBias | None, slot: int | None) -> ExpertCoherence:

@@ -203,9 +203,14 @@ class ChronoSystem:
         stats = compute_expert_stats(trace)
         relevance = trace.bridge.relevance if trace.bridge is not None else None
         st.coherence.observe(stats, mask, relevance)
-        samples, valid = sample_expert_outputs(trace, generator=self.generator)
+        samples, valid, router_input, gate = sample_expert_outputs(trace, generator=self.generator, details=True)
         reference = coherence_reference(stats, self.config.coherence_estimator)
-        st.bimodality.update(samples, valid, mask, reference=reference)
+        if trace.router_input is None or router_input.shape[-1] != st.bimodality.router_size:
+            router_input = None
+        load = stats.counts / stats.num_tokens.clamp_min(1.0)
+        st.bimodality.update(
+            samples, valid, mask, reference=reference, router_input=router_input, gate=gate, load=load
+        )
         counts = stats.counts
         if counts.shape[0] < self.num_slots:
             counts = torch.cat([counts, counts.new_zeros(self.num_slots - counts.shape[0])])

@@ -3,7 +3,8 @@
 A trace holds, for T tokens routed top-K over E expert slots of width H:
 `topk_index [T,K]`, `topk_weight [T,K]`, `expert_out [T,K,H]` (each slot's output *before* gate
 weighting), `slot_mask [T,K]` (False where capacity dropped the slot), `token_mask [T]` (False for
-padding), and optionally the layer's `mixture [T,H]` and router logits. Three constructors turn the
+padding), and optionally the layer's `mixture [T,H]`, router logits and `router_input [T,H_r]` (what the
+router read: the bimodality detector keeps per-role means of it, so that a split can separate the roles). Three constructors turn the
 common MoE implementations into it: a Mixtral-style per-expert loop, a Switch-style `[E,C,H]` capacity
 dispatch, and a fused per-slot output (transformers 5.x experts, and ChronoMoELayer).
 """
@@ -40,6 +41,7 @@ class MoETrace:
     router_logits_biased: Tensor | None = None
     layer_id: int | None = None
     bridge: BridgeReport | None = None  # overlap safety of the slow bias, when the layer routes with one
+    router_input: Tensor | None = None  # [T, H_r] what the router read for each token (optional)
 
     @property
     def num_tokens(self) -> int:
@@ -106,6 +108,8 @@ class MoETrace:
             z = getattr(self, name)
             if z is not None and _shape(z) != (t, self.num_experts):
                 raise ValueError(f"{name} has shape {_shape(z)}; expected {(t, self.num_experts)}")
+        if self.router_input is not None and (self.router_input.dim() != 2 or self.router_input.shape[0] != t):
+            raise ValueError(f"router_input has shape {_shape(self.router_input)}; expected [{t}, H_r]")
         if check_values:
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.num_experts:

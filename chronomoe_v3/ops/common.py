@@ -126,6 +126,46 @@ def relative_noise(
     return out
 
 
+def split_logit_shift(margin: float) -> float:
+    """The common logit shift of two split children whose logits differ by `2 * margin` at their anchors:
+    `-log(1 + exp(-2 margin))`, so that the children together hold exactly the parent's softmax mass there
+    (`-log 2` at margin 0, where both children have the parent's row)."""
+    return -math.log1p(math.exp(-2.0 * margin))
+
+
+def separating_offsets(anchor_a: Tensor, anchor_b: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """Router-row offsets `(d_a, d_b)` that give two split children different roles.
+
+    Child A's row `w + d_a` keeps the parent's logit at its own anchor and sits `2 * margin` below it at
+    B's anchor: `d_a . h_a = 0`, `d_a . h_b = -2 margin` (and symmetrically for B). Each is the
+    minimum-norm solution, `d_a = -2 margin * P_a(h_b) / |P_a(h_b)|^2` with `P_a` the projection that
+    removes the `h_a` direction, so the rows move only in the plane of the two anchors. The anchors are
+    router inputs (e.g. the mean input of the tokens each role serves); anchors that are non-finite, zero,
+    or (nearly) collinear cannot be separated by a bias-free linear row: EditError.
+    """
+    a, b = anchor_a.detach().double().flatten(), anchor_b.detach().double().flatten()
+    if a.shape != b.shape or not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise EditError(
+            f"router anchors of shapes {tuple(anchor_a.shape)} and {tuple(anchor_b.shape)} are invalid: expected "
+            "two finite vectors of the router's input width"
+        )
+
+    def perp(u: Tensor, v: Tensor) -> Tensor:  # v without its u component
+        uu = float(u @ u)
+        return v - (float(u @ v) / uu) * u if uu > 0 else v
+
+    pa, pb = perp(a, b), perp(b, a)
+    na, nb = float(pa @ pa), float(pb @ pb)
+    scale = max(float(a @ a), float(b @ b))
+    if not (scale > 0 and min(na, nb) > 1e-6 * scale):
+        raise EditError(
+            "router anchors are zero or (nearly) collinear: no bias-free router row offset separates them "
+            f"(|a|^2={float(a @ a):.3g}, |b|^2={float(b @ b):.3g}, cos={float(a @ b) / max(scale, 1e-300):.3g})"
+        )
+    d_a, d_b = (-2.0 * margin / na) * pa, (-2.0 * margin / nb) * pb
+    return d_a.to(anchor_a.dtype).view_as(anchor_a), d_b.to(anchor_b.dtype).view_as(anchor_b)
+
+
 def random_like_rms(
     template: Mapping[str, Tensor], rms: Mapping[str, Tensor], generator: torch.Generator | None = None
 ) -> dict[str, Tensor]:
