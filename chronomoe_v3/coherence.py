@@ -381,9 +381,15 @@ class CoherenceState(nn.Module):
         return layer_coherence(self.phi_clocks[clock], torch.nan_to_num(self.share_clocks[clock], nan=0.0))
 
 
-def attach_coherence(layer: nn.Module, state: CoherenceState) -> RemovableHandle:
+def attach_coherence(layer: nn.Module, state: CoherenceState, compile: bool | None = None) -> RemovableHandle:
     """Track `layer`'s coherence in `state` on every observed forward (a layer with `add_observer`,
-    such as ChronoMoELayer). Returns the handle; `handle.remove()` detaches."""
+    such as ChronoMoELayer). Returns the handle; `handle.remove()` detaches.
+
+    `compile` runs the statistics and clock update through `torch.compile`, which fuses its many small
+    kernels (on an H100 this cut the observe path's device time 1.5-2.4x: benchmarks/results). The default
+    (None) compiles when the layer lives on a CUDA device and runs eagerly elsewhere. A model that is itself
+    compiled fuses the observer anyway.
+    """
     add_observer = getattr(layer, "add_observer", None)
     if add_observer is None:
         raise ValueError(f"{type(layer).__name__} has no add_observer(); expected a ChronoMoELayer-like module")
@@ -393,5 +399,7 @@ def attach_coherence(layer: nn.Module, state: CoherenceState) -> RemovableHandle
         bridge = getattr(trace, "bridge", None)
         state.observe(compute_expert_stats(trace), mask, bridge.relevance if bridge is not None else None)
 
-    handle: RemovableHandle = add_observer(_observe)
+    use_compile = compile if compile is not None else bool(mask is not None and mask.is_cuda)
+    observer = torch.compile(_observe) if use_compile else _observe
+    handle: RemovableHandle = add_observer(observer)
     return handle

@@ -14,6 +14,7 @@ Run:  python examples/coherence_demo.py   (about a minute on a 2-core CPU; --plo
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -32,14 +33,15 @@ except ImportError:  # progress bar is optional
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
-    p.add_argument("--damage-step", type=int, default=300, help="step at which one expert is damaged")
+    p.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
+    p.add_argument("--damage-step", type=int, default=400, help="step at which one expert is damaged")
     p.add_argument("--damage-layer", type=int, default=1)
     p.add_argument("--damage-expert", type=int, default=None,
                    help="expert to damage (default: the layer's most coherent expert at the damage step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to a tenth)")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of phi_fast per expert over time")
     args = p.parse_args()
     if not 0 < args.damage_step < args.steps:
@@ -75,7 +77,11 @@ def main() -> int:
     states = [CoherenceState(8, 64, config) for _ in model.moe_layers]
     for layer, state in zip(model.moe_layers, states, strict=True):
         attach_coherence(layer, state)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    # Cosine decay to a tenth: by the damage step the model is in its settled phase, as in late training.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+    )
     history: list[torch.Tensor] = []  # raw phi of the watched layer per step (NaN = unmeasured)
     flag_history: list[torch.Tensor] = []
     watched = states[args.damage_layer]
@@ -99,6 +105,7 @@ def main() -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         history.append(watched.phi_last.clone())
         flag_history.append(watched.degrading().clone())
         if tqdm is not None and step % 20 == 0:

@@ -50,3 +50,16 @@ def test_compile_has_no_graph_breaks_and_matches_eager():
         for (name, be), (_, bc) in zip(se.state_dict().items(), sc.state_dict().items(), strict=True):
             assert torch.allclose(be.float(), bc.float(), atol=1e-5, equal_nan=True), name
         assert int(sc.step) == 3
+
+
+@pytest.mark.slow
+def test_compiled_observer_matches_eager_observer():
+    torch.manual_seed(1)
+    layer = ChronoMoELayer(16, 32, 6, 2, num_active=5)
+    eager, compiled = CoherenceState(6, 16), CoherenceState(6, 16)
+    attach_coherence(layer, eager, compile=False)
+    attach_coherence(layer, compiled, compile=True)
+    for step in range(3):
+        layer(torch.randn(40 + step, 16))  # varying token counts: recompiles or dynamic shapes, no error
+    for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5, equal_nan=True), name
