@@ -208,7 +208,8 @@ class BimodalityState(nn.Module):
         coherence reference vector for the step (the leave-one-out mixture `(M - G_e) / N`), used for
         `centroid_phi`; with `gate [E, S]` (the samples' gate weights) and `load [E]` (`n_e / N`, the expert's
         tokens per real token) the reference of each role's child also holds its sibling's estimated
-        contribution `load_e / S_e * sum_{s in other role} gate_s * y_s` (see `centroid_phi`). `router_input [E, S, H_r]`
+        contribution `load_e / S_e * sum_{s in other role} gate_s * y_s` (see `centroid_phi`).
+        `router_input [E, S, H_r]`
         (optional): what the router read for each sample, folded into each centroid's `router_mean`.
         """
         if samples.dim() == 2:
@@ -293,7 +294,8 @@ class BimodalityState(nn.Module):
                 r = r.unsqueeze(1)
             if tuple(r.shape) != (e, x.shape[1], self.router_size):
                 raise ValueError(
-                    f"router_input has shape {tuple(router_input.shape)}; expected [{e}, {x.shape[1]}, {self.router_size}]"
+                    f"router_input has shape {tuple(router_input.shape)}; "
+                    f"expected [{e}, {x.shape[1]}, {self.router_size}]"
                 )
             r = torch.where(valid.unsqueeze(-1), torch.nan_to_num(r), torch.zeros((), device=r.device))
             total = torch.einsum("jes,esr->jer", a, r)

@@ -40,7 +40,9 @@ Candidates (never on cooling experts; "judged" = active, measured, >= `min_obser
   N - 1; the absorbed expert's pairs leave R and its excess bimodality leaves I.
 - SPLIT the most bimodal judged expert above `bimodality_threshold`: children take roles j with weights q_j
   and coherence `centroid_phi_j`: misfit delta `(1 - s) w_e (phi_e - sum_j q_j centroid_phi_j)` (0 when
-  unknown); its excess bimodality leaves I; N + 1; R unchanged.
+  unknown); its excess bimodality leaves I; N + 1; R unchanged. `centroid_phi_j` is phi's own estimator
+  applied to the child right after the split (role centroid against the parent's reference plus the
+  sibling's contribution, `BimodalityState.centroid_phi`), so it compares like with like with `phi_e`.
 - SPAWN when `s > starvation_floor` (0.15) persistently (at least one judged expert) while the judged
   experts are individually coherent (median phi_slow above the prune floor): the new expert is predicted
   to serve `min(s, 1 / (N + 1))` of the traffic (a starved share, at most its fair share) at the layer's
@@ -123,7 +125,8 @@ class LayerView:
     tokens with e among the clean top-2, the router's interchangeability `min(1, p_f / p_e)` (so the
     diagonal counts e's candidate tokens); see `routing_overlap`. starvation: slow EMA of
     `starvation_fraction`. observations [E]: measured steps.
-    centroid_phi / centroid_weights [2, E] (optional): BimodalityState readings for the split prediction.
+    centroid_phi / centroid_weights [2, E] (optional): BimodalityState readings for the split prediction
+    (each role's predicted coherence as a split child, and its traffic share).
     """
 
     layer_id: int
@@ -458,7 +461,8 @@ def propose_edits(
                 q = q / q.sum() if float(q.sum()) > 0 else torch.full((2,), 0.5, dtype=torch.float64)
                 phi_children = float((q * view.centroid_phi[:, e]).sum())
                 misfit = served * float(w[e]) * (float(phi[e]) - phi_children)
-                detail = f"children's coherence {phi_children:.3f} vs parent {float(phi[e]):.3f}"
+                detail = (f"children's coherence {phi_children:.3f} vs parent {float(phi[e]):.3f} "
+                          "(predicted at the split)")
             out.append(EditCandidate(
                 "split", layer, e, big_f, FreeEnergy(misfit, lam, 0.0, -kappa * float(excess[e])),
                 f"L{layer} E{e}: most bimodal expert, bimodality={float(view.bimodality[e]):.3f} "

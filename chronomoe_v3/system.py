@@ -2,7 +2,8 @@
 
 Per observed training forward of each managed MoE layer (an observer on the layer; tensor ops only, no host
 synchronisation): sufficient statistics -> coherence clocks (relevance-modulated when a slow bias routes)
--> bimodality detector (sampled outputs, centroid coherence against the same reference) -> device token
+-> bimodality detector (sampled outputs; each role's predicted coherence as a split child against the same
+reference; each role's mean router input, the anchors of a split's router rows) -> device token
 counts (telemetry) -> co-activation accumulator -> starvation EMA (slow retention) -> last-fired step.
 
 `step()` is the host side: one transfer of the token counts builds a `SystemSnapshot` (persistent alerts)
@@ -203,13 +204,12 @@ class ChronoSystem:
         stats = compute_expert_stats(trace)
         relevance = trace.bridge.relevance if trace.bridge is not None else None
         st.coherence.observe(stats, mask, relevance)
-        samples, valid, router_input, gate = sample_expert_outputs(trace, generator=self.generator, details=True)
+        samples, valid, inputs, gate = sample_expert_outputs(trace, generator=self.generator, details=True)
         reference = coherence_reference(stats, self.config.coherence_estimator)
-        if trace.router_input is None or router_input.shape[-1] != st.bimodality.router_size:
-            router_input = None
+        usable = trace.router_input is not None and inputs.shape[-1] == st.bimodality.router_size
         load = stats.counts / stats.num_tokens.clamp_min(1.0)
         st.bimodality.update(
-            samples, valid, mask, reference=reference, router_input=router_input, gate=gate, load=load
+            samples, valid, mask, reference=reference, router_input=inputs if usable else None, gate=gate, load=load
         )
         counts = stats.counts
         if counts.shape[0] < self.num_slots:

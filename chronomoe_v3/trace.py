@@ -4,9 +4,9 @@ A trace holds, for T tokens routed top-K over E expert slots of width H:
 `topk_index [T,K]`, `topk_weight [T,K]`, `expert_out [T,K,H]` (each slot's output *before* gate
 weighting), `slot_mask [T,K]` (False where capacity dropped the slot), `token_mask [T]` (False for
 padding), and optionally the layer's `mixture [T,H]`, router logits and `router_input [T,H_r]` (what the
-router read: the bimodality detector keeps per-role means of it, so that a split can separate the roles). Three constructors turn the
-common MoE implementations into it: a Mixtral-style per-expert loop, a Switch-style `[E,C,H]` capacity
-dispatch, and a fused per-slot output (transformers 5.x experts, and ChronoMoELayer).
+router read: the bimodality detector keeps per-role means of it, so that a split can separate the roles).
+Three constructors turn the common MoE implementations into it: a Mixtral-style per-expert loop, a
+Switch-style `[E,C,H]` capacity dispatch, and a fused per-slot output (transformers 5.x experts, and ChronoMoELayer).
 """
 
 from __future__ import annotations

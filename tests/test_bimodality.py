@@ -197,3 +197,64 @@ def test_active_mask_and_validation() -> None:
     with pytest.raises(ValueError, match="samples_per_expert"):
         trace = MoETrace(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.ones(2, 1, 3), 2)
         sample_expert_outputs(trace, 0)
+
+
+def test_router_mean_per_role_and_split_hand_over() -> None:
+    # one expert, two roles (outputs u and v) whose tokens came from router inputs a and b
+    st = BimodalityState(2, 3, router_size=2)
+    u, v, _ = torch.eye(3)
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    samples = torch.stack([torch.stack([u, v, u, v]), torch.zeros(4, 3)])
+    valid = torch.tensor([[True] * 4, [False] * 4])
+    inputs = torch.stack([torch.stack([a, b, a, b]), torch.zeros(4, 2)])
+    for _ in range(5):
+        st.update(samples, valid, router_input=inputs)
+    assert st.seeded[:, 0].all()
+    role_of_u = int((st.centroid[:, 0] @ u).argmax())
+    assert torch.allclose(st.router_mean[role_of_u, 0], a) and torch.allclose(st.router_mean[1 - role_of_u, 0], b)
+    assert torch.isnan(st.router_mean[:, 1]).all()  # never measured
+    expected = st.router_mean[:, 0].clone()
+    st.split_expert(0, 0, 1)
+    assert torch.allclose(st.router_mean[0, 0], expected[0]) and torch.allclose(st.router_mean[0, 1], expected[1])
+    assert torch.isnan(st.router_mean[1, [0, 1]]).all()
+    with pytest.raises(ValueError, match="router_input has shape"):
+        st.update(samples, valid, router_input=torch.zeros(2, 4, 3))
+
+
+def test_centroid_phi_includes_the_siblings_contribution() -> None:
+    # Parent with roles u (gate 1) and v; the rest of the mixture is w. Child u's reference after a split is
+    # w + (v's part of the mixture): load 1 token per token, half the samples each -> 0.5 * v.
+    st = BimodalityState(1, 3)
+    u, v, w = torch.eye(3)
+    samples = torch.stack([u, v, u, v]).unsqueeze(0)
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    for _ in range(3):
+        st.update(samples, valid, reference=w.unsqueeze(0), gate=torch.ones(1, 4), load=torch.ones(1))
+    for j in range(2):
+        role = st.centroid[j, 0]
+        sibling = torch.eye(3)[1] if torch.allclose(role, u) else torch.eye(3)[0]
+        expected = float(role @ _unit(w + 0.5 * sibling))
+        assert st.centroid_phi[j, 0].item() == pytest.approx(expected, abs=1e-5)
+    plain = BimodalityState(1, 3)
+    for _ in range(3):
+        plain.update(samples, valid, reference=w.unsqueeze(0))
+    assert torch.allclose(plain.centroid_phi[:, 0], torch.zeros(2), atol=1e-6)  # u, v orthogonal to w
+
+
+def test_sample_expert_outputs_details() -> None:
+    t, k, h = 6, 2, 3
+    idx = torch.tensor([[0, 1]] * t)
+    out = torch.randn(t, k, h)
+    weight = torch.rand(t, k)
+    router_input = torch.randn(t, 5)
+    trace = MoETrace(topk_index=idx, topk_weight=weight, expert_out=out, num_experts=2, router_input=router_input)
+    g = torch.Generator().manual_seed(0)
+    samples, valid, inputs, gate = sample_expert_outputs(trace, 4, generator=g, details=True)
+    g = torch.Generator().manual_seed(0)
+    plain, plain_valid = sample_expert_outputs(trace, 4, generator=g)
+    assert torch.equal(samples, plain) and torch.equal(valid, plain_valid)  # same draw
+    assert inputs.shape == (2, 4, 5) and gate.shape == (2, 4)
+    for e in range(2):
+        for s in range(4):
+            token = int((out[:, e] == samples[e, s]).all(-1).nonzero()[0])
+            assert torch.equal(inputs[e, s], router_input[token]) and gate[e, s] == weight[token, e]

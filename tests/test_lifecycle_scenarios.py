@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-import pytest
 import torch
 
 from chronomoe_v3.config import ChronoConfig

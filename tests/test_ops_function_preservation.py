@@ -223,3 +223,46 @@ def test_random_spawn_matches_the_live_experts_scale():
         new = s.banks.experts.weight_rms([slot])[name]
         assert 0.8 < float(new / rms) < 1.25, name
     assert s.registry.expert(record.born_ids[0]).origin == "spawn"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_with_router_margin_separates_the_roles_and_preserves_the_output_at_the_anchors(bias):
+    from chronomoe_v3.ops.common import split_logit_shift
+
+    margin = 2.0
+    # dense routing: at the anchors the children together hold exactly the parent's softmax mass
+    s = Setup("chrono", top_k=E, live=4, bias=bias)
+    anchors = torch.randn(2, D, dtype=torch.float64)
+    s.x = anchors
+    y0 = s.f()
+    z0 = s.layer.router(anchors).detach()
+    record = split(s.registry, s.banks, 0, 1, step=3, scale=0.0, router_margin=margin,
+                   router_anchors=(anchors[0], anchors[1]))
+    shift = split_logit_shift(margin)
+    assert record.logit_shift == {1: shift, 4: shift} and shift == pytest.approx(-math.log1p(math.exp(-4.0)))
+    s.assert_close(s.f(None if bias else _shift_vector(record)), y0)
+    z1 = s.layer.router(anchors).detach() + (0.0 if bias else _shift_vector(record))
+    # each child keeps the parent's logit (plus the shift) at its own anchor and sits 2m lower at the other's
+    torch.testing.assert_close(z1[0, 1], z0[0, 1] + shift)
+    torch.testing.assert_close(z1[1, 4], z0[1, 1] + shift)
+    torch.testing.assert_close(z1[1, 1], z0[1, 1] + shift - 2 * margin)
+    torch.testing.assert_close(z1[0, 4], z0[0, 1] + shift - 2 * margin)
+    # top-1: a token at each anchor goes to the child of its role
+    t = Setup("chrono", top_k=1, live=4, bias=bias)
+    with torch.no_grad():
+        t.layer.router.weight[1] = 10 * (anchors[0] + anchors[1])  # the parent wins both anchors
+    t.x = anchors
+    split(t.registry, t.banks, 0, 1, step=3, scale=0.0, router_margin=margin, router_anchors=(anchors[0], anchors[1]))
+    assert t.layer.route(anchors).topk_index[:, 0].tolist() == [1, 4]
+
+
+def test_split_router_margin_needs_separable_anchors():
+    from chronomoe_v3.registry import EditError
+
+    s = Setup("chrono", top_k=2, live=4)
+    a = torch.randn(D, dtype=torch.float64)
+    with pytest.raises(EditError, match="needs router_anchors"):
+        split(s.registry, s.banks, 0, 1, step=3, router_margin=1.0)
+    with pytest.raises(EditError, match="collinear"):
+        split(s.registry, s.banks, 0, 1, step=3, router_margin=1.0, router_anchors=(a, 2 * a))
+    assert s.registry.num_live(0) == 4  # nothing changed
