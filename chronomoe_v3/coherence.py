@@ -351,8 +351,14 @@ class CoherenceState(nn.Module):
         clocks = self.phi_clocks
         return clocks[0] - clocks[2]
 
+    @property
+    def degrade_delta(self) -> Tensor:
+        """[E] phi_fast - phi_baseline, the delta the degrading flag judges (baseline: `degrade_baseline`)."""
+        clocks = self.phi_clocks
+        return clocks[0] - clocks[1 if self.config.degrade_baseline == "mid" else 2]
+
     def degrading(self, active_mask: Tensor | None = None) -> Tensor:
-        """[E] bool: experts whose fast coherence has fallen below their slow coherence.
+        """[E] bool: experts whose fast coherence has fallen below their baseline (mid or slow) coherence.
 
         With `degrade_reference="layer_median"` (default) each expert's delta is judged against the median
         delta of the layer's active measured experts, so a layer drifting as a whole flags nobody, and the
@@ -360,7 +366,7 @@ class CoherenceState(nn.Module):
         those are noisier than `delta_threshold`; with "absolute" against zero. Experts with fewer than
         `min_observations_to_flag` observations are never flagged.
         """
-        delta = self.phi_delta
+        delta = self.degrade_delta
         eligible = torch.isfinite(delta) & (self.observations >= self.config.min_observations_to_flag)
         if active_mask is not None:
             eligible = eligible & active_mask.to(eligible.device)

@@ -10,6 +10,7 @@ ESTIMATORS = ("loo", "full")
 SPAWN_STRATEGIES = ("clone_and_perturb", "random")
 BIAS_MODES = ("logits", "selection")
 DEGRADE_REFERENCES = ("layer_median", "absolute")
+DEGRADE_BASELINES = ("mid", "slow")
 
 
 def _check_open_unit(name: str, value: float) -> None:
@@ -42,14 +43,18 @@ class ChronoConfig:
     alpha_mid: float = 0.99
     alpha_slow: float = 0.999
     alpha_role: float = 0.99
-    # Degradation flag: delta = phi_fast - phi_slow, judged against the layer's median delta
-    # ("layer_median") or against zero ("absolute"); flagged when below -max(delta_threshold,
-    # degrade_z * robust spread of the layer's deltas) (the spread term only with "layer_median"; 0 disables it),
-    # and only after min_observations_to_flag observations (about the mid clock's horizon).
-    delta_threshold: float = 0.15
+    # Degradation flag: an expert is flagged when (phi_fast - phi_baseline), minus the layer's median of the
+    # same delta ("layer_median"; or not, "absolute"), falls below -max(delta_threshold, degrade_z * robust
+    # spread of the layer's deltas) (spread term only with "layer_median"; 0 disables it), and only after
+    # min_observations_to_flag observations. baseline "mid" (default) or "slow" (SPEC's phi_delta);
+    # projectdesign.md gives the measurements behind the defaults.
+    delta_threshold: float = 0.2
+    degrade_baseline: str = "mid"
     degrade_reference: str = "layer_median"
     degrade_z: float = 3.0
-    min_observations_to_flag: int = 100
+    min_observations_to_flag: int = 250
+    # The slow objective judges (prunes, merges, splits) only experts measured at least this often.
+    min_observations_to_judge: int = 100
     # Slow bias beta (SPEC 4).
     eta_beta: float = 0.01
     tau: float = 0.5
@@ -83,6 +88,7 @@ class ChronoConfig:
         _check_choice("spawn_strategy", self.spawn_strategy, SPAWN_STRATEGIES)
         _check_choice("bias_mode", self.bias_mode, BIAS_MODES)
         _check_choice("degrade_reference", self.degrade_reference, DEGRADE_REFERENCES)
+        _check_choice("degrade_baseline", self.degrade_baseline, DEGRADE_BASELINES)
         for name in ("alpha_fast", "alpha_mid", "alpha_slow", "alpha_role", "alpha_centroid"):
             _check_open_unit(name, getattr(self, name))
         if not self.alpha_fast < self.alpha_mid < self.alpha_slow:
@@ -128,6 +134,7 @@ class ChronoConfig:
                 "(new experts start at beta 0)"
             )
         _check_int("min_observations_to_flag", self.min_observations_to_flag, 1)
+        _check_int("min_observations_to_judge", self.min_observations_to_judge, 1)
         _check_int("max_edits_per_cycle", self.max_edits_per_cycle, 0)
         _check_int("cooldown_steps", self.cooldown_steps, 0)
         _check_int("min_experts_per_layer", self.min_experts_per_layer, 1)

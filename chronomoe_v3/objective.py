@@ -27,7 +27,7 @@ router finds interchangeable with a neighbour f is served at f's coherence; the 
 it and keeps `min(phi_e, 0)` (a coherent expert's unique service is lost; stranding tokens is never
 credited).
 
-Candidates (never on cooling experts; "judged" = active, measured, >= `min_observations_to_flag`):
+Candidates (never on cooling experts; "judged" = active, measured, >= `min_observations_to_judge`):
 - PRUNE (coherence): the judged expert with the lowest phi_slow, only if `phi_slow < prune_coherence_floor`
   (default 0: "even when used it is decoherent, persistently") and its best absorber takes
   `a >= prune_min_absorbable` (0.5) of its traffic. Misfit delta `(1 - s) w_e (phi_e - a phi_f -
@@ -392,7 +392,7 @@ def propose_edits(
     can_remove = n_in_play - 1 >= config.min_experts_per_layer
     can_add = n_in_play + 1 <= config.max_experts_per_layer and n_in_play < view.num_slots
     eligible = view.active & ~view.cooling
-    judged = eligible & measured & (view.observations >= config.min_observations_to_flag)
+    judged = eligible & measured & (view.observations >= config.min_observations_to_judge)
     phi = view.phi_slow
     out: list[EditCandidate] = []
 

@@ -1,14 +1,15 @@
 """Coherence demo: watch per-expert phase coherence at three clocks, then damage an expert and see it flagged.
 
-A 2-layer character-level MoE language model (8 experts, top-2) trains on Shakespeare. Every training
-forward feeds each layer's CoherenceState (fast / mid / slow debiased clocks). At --damage-step one
-expert's down-projection is replaced by noise of the same norm; the demo prints, per expert, phi at the
-three clocks and the degrading flag, and checks three claims:
+A 2-layer character-level MoE language model (8 experts, top-2) trains on Shakespeare with a cosine
+learning-rate decay. Every training forward feeds each layer's CoherenceState (fast / mid / slow debiased
+clocks). At --damage-step the most coherent expert of --damage-layer has its down-projection replaced by
+noise of the same norm. The demo prints, per expert, phi at the three clocks and the degrading flag, and
+checks three claims:
   1. healthy experts' slow readings match their observed coherence (no cold-start artefact),
   2. the damaged expert is flagged within 20 steps of the damage,
-  3. no healthy expert is flagged.
+  3. no healthy expert (in either layer) is flagged at any step.
 
-Run:  python examples/coherence_demo.py   (about a minute on a 2-core CPU; --plot writes a PNG)
+Run:  python examples/coherence_demo.py   (under a minute on a 2-core CPU; --plot PATH writes a PNG)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,78 +29,81 @@ from chronomoe_v3.models import TinyMoELM
 
 try:
     from tqdm import tqdm
-except ImportError:  # progress bar is optional
+except ImportError:  # the progress bar is optional
     tqdm = None
 
+NUM_EXPERTS = 8
+DETECTION_WINDOW = 20
 
-def parse_args() -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
     p.add_argument("--damage-step", type=int, default=400, help="step at which one expert is damaged")
-    p.add_argument("--damage-layer", type=int, default=1)
+    p.add_argument("--damage-layer", type=int, default=1, choices=[0, 1])
     p.add_argument("--damage-expert", type=int, default=None,
                    help="expert to damage (default: the layer's most coherent expert at the damage step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to a tenth)")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG of phi_fast per expert over time")
-    args = p.parse_args()
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of per-step phi of the damaged layer")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
     if not 0 < args.damage_step < args.steps:
         p.error(f"--damage-step={args.damage_step} must lie in (0, --steps={args.steps})")
+    if args.damage_expert is not None and not 0 <= args.damage_expert < NUM_EXPERTS:
+        p.error(f"--damage-expert={args.damage_expert} must lie in [0, {NUM_EXPERTS - 1}]")
     return args
 
 
-def table(state: CoherenceState, flags: torch.Tensor, observed: torch.Tensor, damaged: int | None) -> str:
-    clocks = state.phi_clocks
-    rows = ["expert  phi_fast  phi_mid  phi_slow  observed_mean  delta   flag"]
-    for e in range(state.num_experts):
-        mark = "  <- damaged" if e == damaged else ""
-        rows.append(
-            f"  E{e}    {clocks[0, e]:+.3f}   {clocks[1, e]:+.3f}   {clocks[2, e]:+.3f}      {observed[e]:+.3f}     "
-            f"{clocks[0, e] - clocks[2, e]:+.3f}  {'DEGRADING' if flags[e] else '-'}{mark}"
-        )
-    return "\n".join(rows)
+@dataclass
+class DemoRun:
+    phi: torch.Tensor  # [steps, layers, E] raw per-step phi (NaN = unmeasured)
+    flags: torch.Tensor  # [steps, layers, E] degrading flags after each step
+    damaged: int
+    states: list[CoherenceState]
+    before_table: str
+    slow_at_damage: torch.Tensor  # [E] the damaged layer's debiased phi_slow just before the damage
+    plain_slow_at_damage: torch.Tensor  # [E] the same EMA without the debiasing division
+    config: ChronoConfig
+    seconds: float
 
 
-def main() -> int:
-    args = parse_args()
-    try:
-        text = load_shakespeare()
-    except ModuleNotFoundError as exc:
-        print(f"{exc}\nInstall the demo extra first: {INSTALL_HINT}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace, config: ChronoConfig | None = None) -> DemoRun:
+    """Train, damage, and record every step's phi and flags (raises ModuleNotFoundError without the corpus)."""
+    config = config if config is not None else ChronoConfig()
+    text = load_shakespeare()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
     corpus = CharCorpus.from_text(text)
     gen = torch.Generator().manual_seed(args.seed)
-    model = TinyMoELM(corpus.vocab_size, d_model=64, n_layers=2, d_ff=128, max_experts=8, top_k=2)
-    config = ChronoConfig()
-    states = [CoherenceState(8, 64, config) for _ in model.moe_layers]
+    model = TinyMoELM(corpus.vocab_size, d_model=64, n_layers=2, d_ff=128, max_experts=NUM_EXPERTS, top_k=2)
+    states = [CoherenceState(NUM_EXPERTS, 64, config) for _ in model.moe_layers]
     for layer, state in zip(model.moe_layers, states, strict=True):
         attach_coherence(layer, state)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    # Cosine decay to a tenth: by the damage step the model is in its settled phase, as in late training.
+    # Cosine decay to a tenth: by the damage step the model is in its settled phase, as late in training.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
     )
-    history: list[torch.Tensor] = []  # raw phi of the watched layer per step (NaN = unmeasured)
-    flag_history: list[torch.Tensor] = []
     watched = states[args.damage_layer]
-    print(f"corpus: {corpus.data.numel():,} characters, vocab {corpus.vocab_size}; model "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters; estimator={config.coherence_estimator}")
+    phis: list[torch.Tensor] = []
+    flags: list[torch.Tensor] = []
+    damaged = args.damage_expert
+    before = ""
+    slow_at_damage = plain_at_damage = torch.full((NUM_EXPERTS,), float("nan"))
     steps = range(args.steps)
-    bar = tqdm(steps, desc="training", unit="step") if tqdm is not None else steps
+    bar = tqdm(steps, desc="training", unit="step") if tqdm is not None and not args.quiet else steps
     t0 = time.time()
-    snapshot_before = None
     for step in bar:
         if step == args.damage_step:
-            snapshot_before = table(watched, watched.degrading(), _observed_mean(history), None)
-            if args.damage_expert is None:
-                args.damage_expert = int(torch.nan_to_num(watched.phi_slow, nan=-2.0).argmax())
-            layer = model.moe_layers[args.damage_layer]
+            before = table(watched, watched.degrading(), _mean_phi(phis, args.damage_layer), None)
+            slow_at_damage = watched.phi_slow.clone()
+            plain_at_damage = watched.phi.value[2].clone()
+            if damaged is None:
+                damaged = int(torch.nan_to_num(watched.phi_slow, nan=-2.0).argmax())
             with torch.no_grad():
-                w = layer.w_down[args.damage_expert]
+                w = model.moe_layers[args.damage_layer].w_down[damaged]
                 w.copy_(torch.randn_like(w) * w.norm() / w.numel() ** 0.5)
         x, y = corpus.batch(args.batch, args.seq, gen)
         loss = model.loss(x, y)
@@ -106,74 +111,80 @@ def main() -> int:
         loss.backward()
         opt.step()
         sched.step()
-        history.append(watched.phi_last.clone())
-        flag_history.append(watched.degrading().clone())
-        if tqdm is not None and step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")  # type: ignore[union-attr]
-        elif tqdm is None and step % 50 == 0:
-            print(f"step {step:4d}  loss {loss.item():.3f}")
-    elapsed = time.time() - t0
-
-    flags = torch.stack(flag_history)  # [steps, E]
-    damaged = args.damage_expert
-    print(f"\nLayer {args.damage_layer} just before the damage at step {args.damage_step}:")
-    print(snapshot_before)
-    after = flags[args.damage_step:, damaged].nonzero()
-    first = int(after[0]) if after.numel() else None
-    print(f"\nLayer {args.damage_layer} at the end (step {args.steps}):")
-    print(table(watched, watched.degrading(), _observed_mean(history), damaged))
-
-    healthy = [e for e in range(8) if e != damaged]
-    false_flags = {
-        f"L{li}_E{e}": int(st_flags[:, e].sum())
-        for li, st_flags in ((args.damage_layer, flags), )
-        for e in healthy
-        if st_flags[:, e].any()
-    }
-    obs = _observed_mean(history[: args.damage_step])
-    slow_before = torch.stack(history[: args.damage_step])
-    plain_ema = _plain_slow_ema(slow_before, config.alpha_slow)
-    debiased_slow = _debiased_slow_ema(slow_before, config.alpha_slow)
-    gap = (debiased_slow - _weighted_mean(slow_before, config.alpha_slow))[healthy].abs().max()
-    print("\nChecks")
-    print(f"  1. slow reading vs observed coherence (healthy experts, before damage): max |debiased slow - "
-          f"alpha-weighted observed mean| = {gap:.2e}; a plain zero-initialised EMA would read "
-          f"{(plain_ema[healthy] / obs[healthy]).nanmean():.0%} of the observed level here")
-    detect = "not flagged" if first is None else f"flagged {first} steps after the damage"
-    print(f"  2. damaged expert E{damaged}: {detect} (target: within 20)")
-    print(f"  3. healthy experts flagged at any step: {false_flags or 'none'}")
-    print(f"\n{args.steps} steps in {elapsed:.1f} s")
-    if args.plot is not None:
-        _plot(torch.stack(history), damaged, args.damage_step, args.plot)
-    ok = first is not None and first <= 20 and not false_flags and float(gap) < 1e-3
-    print("RESULT:", "all three checks hold" if ok else "a check failed (see above)")
-    return 0 if ok else 1
+        phis.append(torch.stack([s.phi_last for s in states]))
+        flags.append(torch.stack([s.degrading() for s in states]))
+        if hasattr(bar, "set_postfix") and step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    assert damaged is not None
+    return DemoRun(torch.stack(phis), torch.stack(flags), damaged, states, before, slow_at_damage, plain_at_damage,
+                   config, time.time() - t0)
 
 
-def _observed_mean(history: list[torch.Tensor]) -> torch.Tensor:
-    if not history:
-        return torch.full((8,), float("nan"))
-    return torch.stack(history).nanmean(0)
+def table(state: CoherenceState, flags: torch.Tensor, observed: torch.Tensor, damaged: int | None) -> str:
+    clocks = state.phi_clocks
+    rows = ["expert  phi_fast  phi_mid  phi_slow  observed_mean  fast-mid  flag"]
+    for e in range(state.num_experts):
+        mark = "  <- damaged" if e == damaged else ""
+        rows.append(
+            f"  E{e}    {clocks[0, e]:+.3f}   {clocks[1, e]:+.3f}   {clocks[2, e]:+.3f}      {observed[e]:+.3f}     "
+            f"{clocks[0, e] - clocks[1, e]:+.3f}   {'DEGRADING' if flags[e] else '-'}{mark}"
+        )
+    return "\n".join(rows)
 
 
-def _plain_slow_ema(phis: torch.Tensor, alpha: float) -> torch.Tensor:
-    v = torch.zeros(phis.shape[1])
-    for row in phis:
-        v = torch.where(torch.isfinite(row), alpha * v + (1 - alpha) * row, v)
-    return v
+def _mean_phi(phis: list[torch.Tensor], layer: int) -> torch.Tensor:
+    if not phis:
+        return torch.full((NUM_EXPERTS,), float("nan"))
+    return torch.stack(phis)[:, layer].nanmean(0)
 
 
-def _debiased_slow_ema(phis: torch.Tensor, alpha: float) -> torch.Tensor:
-    seen = torch.isfinite(phis).sum(0)
-    return _plain_slow_ema(phis, alpha) / (1 - alpha ** seen.double()).float()
-
-
-def _weighted_mean(phis: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The alpha-weighted mean of the observations a debiased EMA should equal (most recent weighted most)."""
+def alpha_weighted_mean(phis: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The alpha-weighted mean of each column's finite observations (latest weighted most): what a
+    debiased EMA must read. Computed directly, in float64, not by running an EMA."""
     finite = torch.isfinite(phis)
-    ranks = finite.flip(0).cumsum(0).flip(0) - 1  # 0 for the latest observation of each expert
+    ranks = finite.flip(0).cumsum(0).flip(0) - 1  # 0 for the latest observation of each column
     weights = torch.where(finite, alpha ** ranks.double(), torch.zeros((), dtype=torch.float64))
     return ((weights * torch.nan_to_num(phis.double())).sum(0) / weights.sum(0)).float()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(2)
+    try:
+        result = run(args)
+    except ModuleNotFoundError as exc:
+        print(f"{exc}\nInstall the corpus first: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    cfg, layer, damaged, d = result.config, args.damage_layer, result.damaged, args.damage_step
+    watched = result.states[layer]
+    print(f"\nLayer {layer} just before the damage at step {d}:\n{result.before_table}")
+    print(f"\nLayer {layer} at the end (step {args.steps}); E{damaged} was damaged at step {d}:")
+    print(table(watched, watched.degrading(), result.phi[:, layer].nanmean(0), damaged))
+
+    healthy = torch.ones(result.flags.shape[1:], dtype=torch.bool)
+    healthy[layer, damaged] = False
+    flagged_healthy = (result.flags & healthy).any(0)
+    false_flags = {f"L{i}_E{e}": int(result.flags[:, i, e].sum()) for i, e in flagged_healthy.nonzero().tolist()}
+    after = result.flags[d:, layer, damaged].nonzero()
+    first = int(after[0]) if after.numel() else None
+    # Claim 1: the layer's debiased slow clock read the alpha-weighted mean of what it observed.
+    expected = alpha_weighted_mean(result.phi[:d, layer], cfg.alpha_slow)
+    gap = (result.slow_at_damage - expected).abs().nanmean()
+    plain = (result.plain_slow_at_damage / expected).nanmean()
+
+    print("\nChecks")
+    print(f"  1. slow clock vs observed coherence before the damage: mean |phi_slow - alpha-weighted observed "
+          f"mean| = {gap:.1e} (a plain zero-initialised EMA would read {plain:.0%} of the observed level)")
+    detect = "NOT flagged" if first is None else f"flagged {first} step(s) after the damage"
+    print(f"  2. damaged expert L{layer}_E{damaged}: {detect} (target: within {DETECTION_WINDOW})")
+    print(f"  3. healthy experts flagged at any step: {false_flags or 'none'}")
+    print(f"\n{args.steps} steps in {result.seconds:.1f} s; flag rule: fast vs {cfg.degrade_baseline} clock, "
+          f"judged against the layer median, threshold {cfg.delta_threshold} (see projectdesign.md)")
+    if args.plot is not None:
+        _plot(result.phi[:, layer], damaged, d, args.plot)
+    ok = first is not None and first <= DETECTION_WINDOW and not false_flags and float(gap) < 1e-3
+    print("RESULT:", "all three checks hold" if ok else "a check failed (see above)")
+    return 0 if ok else 1
 
 
 def _plot(phis: torch.Tensor, damaged: int, damage_step: int, path: Path) -> None:
@@ -187,11 +198,11 @@ def _plot(phis: torch.Tensor, damaged: int, damage_step: int, path: Path) -> Non
         return
     fig, ax = plt.subplots(figsize=(9, 4))
     for e in range(phis.shape[1]):
-        ax.plot(phis[:, e].numpy(), lw=2.0 if e == damaged else 0.8, label=f"E{e}" + (" (damaged)" if e == damaged
-                                                                                          else ""))
+        label = f"E{e}" + (" (damaged)" if e == damaged else "")
+        ax.plot(phis[:, e].numpy(), lw=2.0 if e == damaged else 0.7, label=label)
     ax.axvline(damage_step, color="k", ls="--", lw=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel("phi (per step, LOO)")
+    ax.set_ylabel("phi per step (LOO)")
     ax.legend(ncol=4, fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def main(steps: int = 120, seq: int = 64, batch: int = 8) -> None:
     model = TinyMoELM(len(chars), d_model=32, n_layers=2, n_heads=4, d_ff=32, max_experts=8, top_k=2, num_active=6)
     config = ChronoConfig(
         lifecycle_eval_interval=10, cooldown_steps=40, cooling_period=40, min_observations_to_flag=50,
-        basin_window_size=30,
+        min_observations_to_judge=50, basin_window_size=30,
     )
     system = ChronoSystem(model, config=config, run_id="lifecycle-demo")
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -227,3 +227,19 @@ def test_matmul_and_index_add_reductions_agree(seed):
         assert torch.allclose(getattr(a, f), getattr(b, f), atol=1e-4), f
     with pytest.raises(ValueError, match="reduction"):
         compute_expert_stats(tr, reduction="segment")
+
+
+def test_degrade_baseline_selects_the_clock():
+    mid = CoherenceState(2, 3, ChronoConfig(min_observations_to_flag=1))
+    slow = CoherenceState(2, 3, ChronoConfig(min_observations_to_flag=1, degrade_baseline="slow",
+                                             degrade_reference="absolute"))
+    for s in (mid, slow):
+        for _ in range(300):
+            s.phi.update(torch.tensor([0.9, 0.9]), torch.ones(2, dtype=torch.bool))
+        for _ in range(200):
+            s.phi.update(torch.tensor([0.5, 0.5]), torch.ones(2, dtype=torch.bool))
+    clocks = mid.phi_clocks
+    assert torch.allclose(mid.degrade_delta, clocks[0] - clocks[1])
+    assert torch.allclose(slow.degrade_delta, slow.phi_delta)
+    # 200 steps after a level shift the mid clock has caught up, the slow one has not.
+    assert slow.degrading().all()

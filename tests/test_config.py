@@ -33,6 +33,8 @@ def test_defaults_match_the_design():
         ({"coherence_estimator": "median"}, "coherence_estimator"),
         ({"spawn_strategy": "clone"}, "spawn_strategy"),
         ({"bias_mode": "both"}, "bias_mode"),
+        ({"degrade_baseline": "fast"}, "degrade_baseline"),
+        ({"degrade_z": -1.0}, "degrade_z"),
         ({"eta_beta": float("nan")}, "eta_beta"),
         ({"cooldown_steps": -1}, "cooldown_steps"),
         ({"lifecycle_eval_interval": 0}, "lifecycle_eval_interval"),

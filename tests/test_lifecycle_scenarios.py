@@ -17,7 +17,8 @@ torch.set_num_threads(1)
 D = 8
 # Short clocks so that the slow clock acts within a few hundred steps (the defaults are for real runs).
 CFG = ChronoConfig(
-    lifecycle_eval_interval=20, cooldown_steps=40, cooling_period=40, min_observations_to_flag=50, basin_window_size=30
+    lifecycle_eval_interval=20, cooldown_steps=40, cooling_period=40, min_observations_to_flag=50,
+    min_observations_to_judge=50, basin_window_size=30,
 )
 
 
@@ -122,7 +123,7 @@ def test_duplicated_experts_are_merged() -> None:
             p[1] = p[0]
         layer.router.weight[1] = layer.router.weight[0]
     # Duplicates drift apart at the top-k boundary (ties go to one of them), so judge them early.
-    system = _train(layer, replace(CFG, min_observations_to_flag=20), 4, 300)
+    system = _train(layer, replace(CFG, min_observations_to_judge=20), 4, 300)
     merges = [r for r in _edits(system) if r.action == "merge"]
     assert merges and {merges[0].expert_id, merges[0].child_id} == {"L0_E0", "L0_E1"}
     assert "most redundant pair" in (merges[0].reason or "")

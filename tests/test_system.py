@@ -22,7 +22,8 @@ from chronomoe_v3.system import ChronoSystem
 torch.set_num_threads(1)
 
 FAST = ChronoConfig(
-    lifecycle_eval_interval=3, cooldown_steps=6, cooling_period=6, min_observations_to_flag=5, basin_window_size=8
+    lifecycle_eval_interval=3, cooldown_steps=6, cooling_period=6, min_observations_to_flag=5,
+    min_observations_to_judge=5, basin_window_size=8,
 )
 
 
