@@ -335,7 +335,7 @@ class ChronoSystem:
         ).to_host()
 
     def emergency_flags(self, snapshot: SystemSnapshot | None) -> dict[int, str]:
-        """Layers with an emergency and why: degrading experts (fast vs slow clock) or a COLLAPSE_CONFIRMED alert."""
+        """Layers with an emergency and why: degrading experts (`CoherenceState.degrading`) or COLLAPSE_CONFIRMED."""
         alerts = set()
         if snapshot is not None:
             alerts = {int(a.layer_id) for a in snapshot.alerts if a.kind == COLLAPSE_CONFIRMED}

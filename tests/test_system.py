@@ -231,3 +231,32 @@ def test_resume_in_fresh_process_is_bitwise_identical(tmp_path: Path) -> None:
     log_res = [r.to_dict() for r in load_decisions(tmp_path / "log_resumed" / "resume" / "lifecycle_decisions.jsonl")]
     assert log_full == log_res
     assert any(r["action"] != "do_nothing" for r in log_full), "the run should make at least one edit"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for sync debug mode")
+def test_training_step_with_system_attached_never_syncs_the_host():
+    from chronomoe_v3.models import TinyMoELM
+
+    torch.manual_seed(0)
+    # bf16: the grouped expert matmul's native CUDA kernel (the fp32 fallback reads group offsets on the host)
+    model = TinyMoELM(64, d_model=64, n_layers=2, d_ff=128, max_experts=8, top_k=2, num_active=6)
+    model = model.to("cuda", torch.bfloat16)
+    system = ChronoSystem(model, config=FAST)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    system.attach_optimizer(opt)
+    x = torch.randint(0, 64, (8, 32), device="cuda")
+
+    def train_step() -> None:
+        loss = model.loss(x, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    train_step()  # warm-up (lazy optimiser state, kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    system.step()  # host transfers happen here, and only here
