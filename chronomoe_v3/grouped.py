@@ -16,9 +16,14 @@ from torch import Tensor
 
 
 def _native_ok(a: Tensor, b: Tensor) -> bool:
+    """bf16 CUDA operands whose rows are 16-byte aligned: `torch._grouped_mm`'s sync-free kernel.
+
+    (torch 2.11 also accepts fp32 on an H100, but reads the offsets on the host for it: measured with
+    `torch.cuda.set_sync_debug_mode("error")`; fp32 takes the per-group path, which does the same.)"""
     if not (a.is_cuda and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16):
         return False
-    return all(s % 8 == 0 for s in (a.shape[-1], b.shape[-1]))
+    per_16_bytes = 16 // a.element_size()
+    return all(s % per_16_bytes == 0 for s in (a.shape[-1], b.shape[-1]))
 
 
 def _loop_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
@@ -60,7 +65,7 @@ def _grouped_mm_fake(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
 @torch.library.custom_op("chronomoe_v3::grouped_weight_grad", mutates_args=())
 def grouped_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
     """`out[e] = x_e^T @ grad_e` over each group's rows: the weight gradient of `grouped_mm`."""
-    if _native_ok(x, grad) and x.shape[0] % 8 == 0:
+    if _native_ok(x, grad) and x.shape[0] % (16 // x.element_size()) == 0:
         return torch._grouped_mm(x.t(), grad, offs=offsets)
     return _loop_weight_grad(x, grad, offsets)
 

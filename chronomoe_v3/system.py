@@ -255,8 +255,10 @@ class ChronoSystem:
             ratio = torch.exp((logp.unsqueeze(1) - own.unsqueeze(-1)).clamp_max(0.0)).nan_to_num(0.0)  # [T, 2, E]
             ratio = ratio * keep.unsqueeze(-1)
             st.coactivation.index_add_(0, index.reshape(-1), ratio.reshape(-1, e))
-        real = trace.token_mask.float().sum() if trace.token_mask is not None else torch.tensor(float(t))
-        st.coactivation_tokens.add_(real.to(st.coactivation_tokens.device))
+        if trace.token_mask is not None:
+            st.coactivation_tokens.add_(trace.token_mask.float().sum().to(st.coactivation_tokens.device))
+        else:
+            st.coactivation_tokens.add_(float(t))
 
     # ------------------------------------------------------------------ host side
     @property

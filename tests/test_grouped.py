@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from chronomoe_v3.grouped import grouped_mm
@@ -13,3 +14,25 @@ def test_grouped_mm_forward_backward_match_per_group_products():
     ref = torch.cat([x[bounds[e]:bounds[e + 1]] @ w[e] for e in range(4)] + [torch.zeros(3, 5, dtype=x.dtype)])
     assert torch.allclose(out, ref)
     assert torch.autograd.gradcheck(lambda a, b: grouped_mm(a, b, offsets), (x, w))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_paths_match_groups_and_bf16_does_not_sync(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(4, 32, 16, device="cuda", dtype=dtype, requires_grad=True)
+    offsets = torch.tensor([16, 16, 40, 56], dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    # bf16 runs torch._grouped_mm with no host sync; fp32 takes the per-group path (reads the offsets).
+    torch.cuda.set_sync_debug_mode("error" if dtype == torch.bfloat16 else 0)
+    try:
+        out = grouped_mm(x, w, offsets)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    bounds = [0, 16, 16, 40, 56]
+    ref = torch.cat([x[bounds[e]:bounds[e + 1]].float() @ w[e].float() for e in range(4)]
+                    + [torch.zeros(8, 16, device="cuda")])
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(out.float(), ref, atol=tol * ref.abs().max().item())
