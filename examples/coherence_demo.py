@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nChecks")
     print(f"  1. slow clock vs observed coherence before the damage: mean |phi_slow - alpha-weighted observed "
           f"mean| = {gap:.1e} (a plain zero-initialised EMA would read {plain:.0%} of the observed level)")
-    detect = "NOT flagged" if first is None else f"flagged {first} step(s) after the damage"
+    flagged_steps = int(result.flags[d:, layer, damaged].sum())
+    detect = ("NOT flagged" if first is None else
+              f"flagged {first} step(s) after the damage, and on {flagged_steps} of the {args.steps - d} steps since")
     print(f"  2. damaged expert L{layer}_E{damaged}: {detect} (target: within {DETECTION_WINDOW})")
     print(f"  3. healthy experts flagged at any step: {false_flags or 'none'}")
     print(f"\n{args.steps} steps in {result.seconds:.1f} s; flag rule: fast vs {cfg.degrade_baseline} clock, "
