@@ -121,6 +121,8 @@ class ChronoSystem:
     `governance.Controller`), or None. `run_id` names the run in logs (default: a random id, saved in the
     state). `output_dir`: where the lifecycle decision log `<output_dir>/<run_id>/lifecycle_decisions.jsonl`
     is appended (no file without it; records are always kept in `decision_log.records`).
+    `compile_observers` runs the per-forward observer through `torch.compile` (default: on CUDA only, where
+    the eager observer is bound by kernel-launch overhead; see benchmarks/results/system_cuda.md).
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class ChronoSystem:
         *,
         objective_params: ObjectiveParams | None = None,
         seed: int = 0,
+        compile_observers: bool | None = None,
     ) -> None:
         self.config = config if config is not None else ChronoConfig()
         if not isinstance(self.config, ChronoConfig):
@@ -176,6 +179,9 @@ class ChronoSystem:
         self.alert_history = AlertHistory()
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        # On CUDA the observers' many small kernels are launch-bound in eager mode: torch.compile fuses them.
+        self.compile_observers = device.type == "cuda" if compile_observers is None else bool(compile_observers)
+        self._observe_compiled = torch.compile(self._observe) if self.compile_observers else self._observe
         self.layer_steps = [0] * len(self.layers)
         self.step_calls = 0
         self.last_edit_step: list[int | None] = [None] * len(self.layers)
@@ -191,10 +197,13 @@ class ChronoSystem:
 
     # ------------------------------------------------------------------ fast clock (per forward, no host sync)
     def _make_observer(self, i: int) -> Any:
+        observe = self._observe_compiled if self.compile_observers else self._observe
+
         def _observe(trace: MoETrace) -> None:
             if _in_backward():
                 return
-            self._observe(i, trace)
+            observe(i, trace)
+            self.layer_steps[i] += 1  # Python bookkeeping stays outside the (possibly compiled) observer
 
         return _observe
 
@@ -229,7 +238,6 @@ class ChronoSystem:
             st.starvation_decay.copy_(decay)
         # coherence.step was advanced by observe: the step index of this forward is step - 1
         st.last_fired.copy_(torch.where(stats.counts > 0, st.coherence.step - 1, st.last_fired))
-        self.layer_steps[i] += 1
 
     @staticmethod
     def _accumulate_coactivation(st: _LayerState, trace: MoETrace, mask: Tensor) -> None:

@@ -63,3 +63,45 @@ def test_compiled_observer_matches_eager_observer():
         layer(torch.randn(40 + step, 16))  # varying token counts: recompiles or dynamic shapes, no error
     for (name, a), (_, b) in zip(eager.state_dict().items(), compiled.state_dict().items(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-5, equal_nan=True), name
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}/{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _flatten(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, tree
+
+
+@pytest.mark.slow
+def test_chronosystem_compiled_observers_match_eager():
+    from chronomoe_v3 import ChronoConfig, ChronoSystem
+    from chronomoe_v3.models import TinyMoELM
+
+    def run(compiled):
+        torch.manual_seed(0)
+        model = TinyMoELM(40, d_model=32, n_layers=2, d_ff=64, max_experts=8, top_k=2, num_active=6)
+        system = ChronoSystem(model, config=ChronoConfig(max_experts_per_layer=8), compile_observers=compiled)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        system.attach_optimizer(opt)
+        g = torch.Generator().manual_seed(0)
+        for step in range(4):
+            x = torch.randint(0, 40, (4, 16 + step), generator=g)
+            loss = model.loss(x, x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        system.step()
+        return dict(_flatten(system.state_dict()))
+
+    eager, compiled = run(False), run(True)
+    assert eager.keys() == compiled.keys()
+    for key, a in eager.items():
+        b = compiled[key]
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            assert torch.allclose(a, b, atol=1e-4, equal_nan=True), key
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), key
