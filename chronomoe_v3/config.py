@@ -82,6 +82,8 @@ class ChronoConfig:
     cooling_period: int = 200
     lifecycle_eval_interval: int = 10
     basin_window_size: int = 50
+    # Parked weights of archived experts kept for restore (oldest dropped first), so memory stays bounded.
+    archive_capacity: int = 64
 
     def __post_init__(self) -> None:
         _check_choice("coherence_estimator", self.coherence_estimator, ESTIMATORS)
@@ -142,6 +144,7 @@ class ChronoConfig:
         _check_int("cooling_period", self.cooling_period, 0)
         _check_int("lifecycle_eval_interval", self.lifecycle_eval_interval, 1)
         _check_int("basin_window_size", self.basin_window_size, 1)
+        _check_int("archive_capacity", self.archive_capacity, 0)
         if self.min_experts_per_layer > self.max_experts_per_layer:
             raise ValueError(
                 f"min_experts_per_layer={self.min_experts_per_layer} and max_experts_per_layer="

@@ -245,6 +245,8 @@ class ExpertRegistry:
         record.ended_by = ended_by
         record.successor_id = successor_id
         self._archive[record.expert_id] = parked
+        while len(self._archive) > self.config.archive_capacity:  # bounded memory: drop the oldest parked weights
+            del self._archive[next(iter(self._archive))]
         self._slots[layer][slot] = None
         return record
 

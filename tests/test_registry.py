@@ -146,3 +146,25 @@ def test_load_state_dict_rejects_other_shapes():
         reg.load_state_dict(other.state_dict())
     with pytest.raises(ValueError, match="format"):
         reg.load_state_dict({"format": 7})
+
+
+def test_archive_keeps_at_most_capacity_parked_experts():
+    import torch
+
+    from chronomoe_v3.banks import banks_for
+    from chronomoe_v3.config import ChronoConfig
+    from chronomoe_v3.layers import ChronoMoELayer
+    from chronomoe_v3.ops import prune, restore, spawn
+    from chronomoe_v3.registry import EditError, ExpertRegistry
+
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(4, 4, 6, 1)
+    banks = banks_for(layer)
+    registry = ExpertRegistry([layer.active_mask], ChronoConfig(min_experts_per_layer=1, max_experts_per_layer=6,
+                                                              archive_capacity=2))
+    pruned = [prune(registry, banks, 0, slot, step=1).ended_ids[0] for slot in (0, 1, 2)]
+    assert registry.archived_ids() == pruned[1:]  # the oldest parked weights were dropped
+    with pytest.raises(EditError, match="no parked weights"):
+        restore(registry, banks, pruned[0], step=2)
+    spawn(registry, banks, 0, step=2, parent=3)
+    assert len(registry.archived_ids()) <= 2
