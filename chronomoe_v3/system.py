@@ -182,6 +182,13 @@ class ChronoSystem:
         # On CUDA the observers' many small kernels are launch-bound in eager mode: torch.compile fuses them.
         self.compile_observers = device.type == "cuda" if compile_observers is None else bool(compile_observers)
         self._observe_compiled = torch.compile(self._observe) if self.compile_observers else self._observe
+        if self.compile_observers:
+            # One code object serves every layer and is specialised per layer index: make room for all of them
+            # (torch's default limit of 8 would send layers past the 8th back to eager mode).
+            import torch._dynamo.config as dynamo_config
+
+            limit = getattr(dynamo_config, "recompile_limit", 8)
+            dynamo_config.recompile_limit = max(limit, 2 * len(found) + 8)
         self.layer_steps = [0] * len(self.layers)
         self.step_calls = 0
         self.last_edit_step: list[int | None] = [None] * len(self.layers)
