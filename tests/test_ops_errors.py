@@ -1,9 +1,9 @@
 """Every refused edit names the offending value and leaves registry, weights, mask and optimiser state as they were."""
 
-import math
 
 import pytest
 import torch
+from helpers import tree_equal
 
 from chronomoe_v3.banks import banks_for
 from chronomoe_v3.config import ChronoConfig
@@ -14,16 +14,6 @@ from chronomoe_v3.registry import EditError, ExpertRegistry
 E = 6
 
 
-def _equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and math.isnan(a):
-        return isinstance(b, float) and math.isnan(b)
-    return a == b
 
 
 @pytest.fixture
@@ -85,7 +75,7 @@ def test_refused_edits_change_nothing(rig):
     for pattern, call in calls:
         with pytest.raises(EditError, match=pattern):
             call()
-        assert _equal(_snapshot(layer, registry, opt), before), pattern
+        assert tree_equal(_snapshot(layer, registry, opt), before), pattern
     assert issubclass(EditError, ValueError)
 
 
@@ -101,7 +91,7 @@ def test_limits_on_the_number_of_experts(rig):
     ):
         with pytest.raises(EditError, match="would exceed the maximum 5"):
             call()
-        assert _equal(_snapshot(layer, registry, opt), before)
+        assert tree_equal(_snapshot(layer, registry, opt), before)
 
 
 def test_full_layer_has_no_free_slot():

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from helpers import tree_equal
 
 from chronomoe_v3.basin import BasinHistory
 from chronomoe_v3.config import ChronoConfig
@@ -64,7 +65,7 @@ def test_transitions_validate_and_change_nothing_on_error():
         reg.birth(0, 3, 1, origin="spawn", parent_id="L9_E9")
     with pytest.raises(EditError, match="ended_by='gone'"):
         reg.retire(0, 0, 1, ended_by="gone", parked={})
-    assert _equal(reg.state_dict(), before)
+    assert tree_equal(reg.state_dict(), before)
 
 
 def test_initial_counts_respect_the_limits():
@@ -105,16 +106,6 @@ def test_record_basin_stores_coactivated_ids():
         reg.record_basin(0, share[:3], phi)
 
 
-def _equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and math.isnan(a):
-        return isinstance(b, float) and math.isnan(b)
-    return a == b
 
 
 def test_state_dict_round_trips_through_weights_only_load():
@@ -131,7 +122,7 @@ def test_state_dict_round_trips_through_weights_only_load():
     loaded = torch.load(buffer, weights_only=True)
     fresh = _registry()
     fresh.load_state_dict(loaded)
-    assert _equal(fresh.state_dict(), reg.state_dict())
+    assert tree_equal(fresh.state_dict(), reg.state_dict())
     assert torch.equal(fresh.archived_weights("L0_E2")["experts"]["w"], parked["experts"]["w"])
     assert fresh.active_mask(1).tolist() == [True, True, False, True]
     # the generation counter survives: the next expert in slot 2 gets a new id
