@@ -34,8 +34,8 @@ from .registry import EditError, ExpertRecord, ExpertRegistry
 from .routing import Routing, route_topk
 from .system import ChronoSystem, StepResult
 from .trace import MoETrace
+from .version import __version__
 
-__version__ = "0.3.0.dev0"
 
 __all__ = [
     "BasinHistory",

@@ -247,10 +247,14 @@ class BridgeReport:
         return BridgeReport(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
 
 
-def bridge_report(routing: Routing, token_mask: Tensor | None = None) -> BridgeReport:
+def bridge_report(
+    routing: Routing, token_mask: Tensor | None = None, selection_bias: Tensor | None = None
+) -> BridgeReport:
     """The bridge detector for one routing (its masked clean and biased logits). `token_mask [T]` bool
     (True = real token) excludes padding from the means; with no real token, relevance and jaccard_mean
-    read 1 (no evidence of bridging)."""
+    read 1 (no evidence of bridging). `selection_bias [E]`: the balancer bias the routing selected with
+    (`route_topk(selection_bias=...)`); the clean top-k it is compared with then includes it too, so the
+    Jaccard index measures beta's effect on the choice alone."""
     z_clean, z_biased = routing.logits_clean, routing.logits_biased
     t, k = routing.topk_index.shape
     if token_mask is not None:
@@ -268,7 +272,8 @@ def bridge_report(routing: Routing, token_mask: Tensor | None = None) -> BridgeR
     overlap_only = (p_biased - p_clean).clamp_min(0.0)
     # sum_e p_biased * support, written as 1 - sum_e p_biased * (1 - support) so that it is exactly 1 at beta 0
     per_token = 1.0 - (p_biased * (1.0 - support)).sum(-1)
-    topk_clean = torch.topk(z_clean, k, dim=-1).indices
+    clean_scores = z_clean if selection_bias is None else z_clean + selection_bias.float()
+    topk_clean = torch.topk(clean_scores, k, dim=-1).indices
     inter = (topk_clean.unsqueeze(2) == routing.topk_index.unsqueeze(1)).any(-1).sum(-1).float()
     jaccard = inter / (2 * k - inter)
     if token_mask is None:
@@ -312,13 +317,17 @@ def route_with_bias(
     veto: bool = True,
     token_mask: Tensor | None = None,
     check_values: bool = False,
+    selection_bias: Tensor | None = None,
 ) -> Routing:
     """Route any router's clean `logits [T,E]` with the slow bias `beta [E]` (fp32 add, inactive slots -inf,
     then the softmax -> top-k rule of `route_topk` in `mode`), run the bridge detector, and (with `veto`)
-    apply the veto to the gate weights. The report rides on the result as `routing.bridge`."""
+    apply the veto to the gate weights. The report rides on the result as `routing.bridge`.
+    `selection_bias [E]` (a balancer's) only moves the top-k choice (`route_topk`); the detector judges beta
+    alone (its probabilities never include the selection bias), so a balancer is never vetoed."""
     routing = route_topk(
-        logits, top_k, active_mask, bias=beta, mode=mode, normalize=normalize, check_values=check_values
+        logits, top_k, active_mask, bias=beta, mode=mode, normalize=normalize, check_values=check_values,
+        selection_bias=selection_bias,
     )
-    report = bridge_report(routing, token_mask)
+    report = bridge_report(routing, token_mask, selection_bias)
     weight = apply_veto(routing.topk_weight, report.gate_support) if veto else routing.topk_weight
     return replace(routing, topk_weight=weight, bridge=report)

@@ -84,6 +84,8 @@ class ChronoConfig:
     basin_window_size: int = 50
     # Parked weights of archived experts kept for restore (oldest dropped first), so memory stays bounded.
     archive_capacity: int = 64
+    # Token basins (ChronoSystem.observe_tokens): ids >= this share one "other" count per expert.
+    basin_vocab_limit: int = 4096
 
     def __post_init__(self) -> None:
         _check_choice("coherence_estimator", self.coherence_estimator, ESTIMATORS)
@@ -145,6 +147,7 @@ class ChronoConfig:
         _check_int("lifecycle_eval_interval", self.lifecycle_eval_interval, 1)
         _check_int("basin_window_size", self.basin_window_size, 1)
         _check_int("archive_capacity", self.archive_capacity, 0)
+        _check_int("basin_vocab_limit", self.basin_vocab_limit, 1)
         if self.min_experts_per_layer > self.max_experts_per_layer:
             raise ValueError(
                 f"min_experts_per_layer={self.min_experts_per_layer} and max_experts_per_layer="

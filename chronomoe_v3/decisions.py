@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .telemetry.io import _drop_torn_tail, _load_jsonl
+from .jsonl import drop_torn_tail, load_jsonl
 
 RECORD_ACTIONS = ("prune", "merge", "split", "spawn", "do_nothing")
 EDIT_ACTIONS = ("prune", "merge", "split", "spawn")
@@ -280,7 +280,8 @@ class DecisionLog:
         self.records: list[DecisionRecord] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _drop_torn_tail(self.path)
+            drop_torn_tail(self.path)
+            self.path.touch()  # an empty log says "no decision yet"; a missing one says "not logged"
 
     def append(self, record: DecisionRecord) -> None:
         if not isinstance(record, DecisionRecord):
@@ -302,4 +303,4 @@ class DecisionLog:
 def load_decisions(path: PathLike) -> list[DecisionRecord]:
     """Records of a decision log file; a torn last line is dropped with a warning, any other invalid line
     raises ValueError naming the file and line."""
-    return _load_jsonl(Path(path), DecisionRecord.from_dict)
+    return load_jsonl(Path(path), DecisionRecord.from_dict)

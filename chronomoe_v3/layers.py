@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .balance import load_balancing_loss
 from .bias import SlowBias, route_with_bias
 from .config import BIAS_MODES, ChronoConfig
 from .grouped import grouped_mm
@@ -19,6 +20,12 @@ from .routing import Routing, route_topk
 from .trace import MoETrace
 
 Observer = Callable[[MoETrace], Any]
+
+
+def in_backward_recompute() -> bool:
+    """True while autograd runs a backward pass: a forward seen now is activation checkpointing's recompute
+    (reentrant or not), which must not be counted or observed a second time."""
+    return bool(torch._C._current_graph_task_id() != -1)
 
 
 def _grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
@@ -40,9 +47,19 @@ class ChronoMoELayer(nn.Module):
     With a `slow_bias` attached (`attach_slow_bias`), its beta is added to the router logits, the bridge
     detector runs on every forward (`trace.bridge`) and, when the config's `bridge_veto` is on, the veto
     scales the gate weights.
+
+    Balancers (`chronomoe_v3.balance`): with `compute_aux_loss` every training forward leaves the Switch
+    load-balancing loss of its routing in `aux_loss` (differentiable; None after an eval forward).
+    `enable_expert_bias()` adds an aux-loss-free selection bias `expert_bias [E]` (fp32, saved) that only
+    moves the top-k choice, and counts each expert's tokens of training forwards in `tokens_per_expert`.
+
+    Counting (observers, `tokens_per_expert`) happens once per training forward: never in eval mode (unless
+    `observe_eval`) and never in a forward that activation checkpointing re-runs inside the backward pass.
     """
 
     active_mask: Tensor
+    expert_bias: Tensor | None
+    tokens_per_expert: Tensor | None
 
     def __init__(
         self,
@@ -56,6 +73,7 @@ class ChronoMoELayer(nn.Module):
         router_bias: bool = False,
         normalize_topk: bool = True,
         bias_mode: str = "logits",
+        compute_aux_loss: bool = False,
         layer_id: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -85,6 +103,8 @@ class ChronoMoELayer(nn.Module):
         self.bias_mode = bias_mode
         self.layer_id = layer_id
         self.observe_eval = False
+        self.compute_aux_loss = bool(compute_aux_loss)
+        self.aux_loss: Tensor | None = None
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.router = nn.Linear(d_model, max_experts, bias=router_bias, **factory)
         self.w_gate = nn.Parameter(torch.empty(max_experts, d_model, d_ff, **factory))
@@ -93,6 +113,10 @@ class ChronoMoELayer(nn.Module):
         active = torch.zeros(max_experts, dtype=torch.bool, device=device)
         active[:n_active] = True
         self.register_buffer("active_mask", active)
+        # Written by balance.AuxLossFreeBalancer.step() (outside forward); learned state, so saved.
+        self.register_buffer("expert_bias", None)
+        # Scratch token counts of training forwards, read and cleared by the balancer; not saved.
+        self.register_buffer("tokens_per_expert", None, persistent=False)
         self.lens: nn.Module | None = None
         self.slow_bias: SlowBias | None = None
         self._observers: OrderedDict[int, Observer] = OrderedDict()
@@ -106,6 +130,8 @@ class ChronoMoELayer(nn.Module):
             self.w_up.uniform_(-bound_in, bound_in)
             self.w_down.uniform_(-bound_ff, bound_ff)
             self.router.reset_parameters()
+            if self.router.bias is not None:
+                self.router.bias.zero_()  # no expert is favoured before training
 
     # ------------------------------------------------------------------ observers
     def add_observer(self, fn: Observer) -> RemovableHandle:
@@ -121,6 +147,25 @@ class ChronoMoELayer(nn.Module):
         self.slow_bias = bias
         self.bias_mode = bias.config.bias_mode
         return bias
+
+    def enable_expert_bias(self) -> Tensor:
+        """Give the router an aux-loss-free selection bias (zeros, fp32) and start counting tokens per expert;
+        returns the bias. Idempotent."""
+        if self.expert_bias is None:
+            device = self.active_mask.device
+            self.expert_bias = torch.zeros(self.max_experts, dtype=torch.float32, device=device)
+            self.tokens_per_expert = torch.zeros(self.max_experts, dtype=torch.float32, device=device)
+        return self.expert_bias
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ChronoMoELayer:
+        # A model-wide cast must not round the balancer's bias or counts: keep them fp32, follow the device.
+        keep = {name: getattr(self, name) for name in ("expert_bias", "tokens_per_expert")}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = getattr(self, name)
+            if new is not None and new.dtype != torch.float32:
+                setattr(self, name, old.to(device=new.device, dtype=torch.float32))
+        return self
 
     @property
     def num_active(self) -> int:
@@ -145,13 +190,13 @@ class ChronoMoELayer(nn.Module):
         if self.slow_bias is None:
             return route_topk(
                 logits, self.top_k, self.active_mask, bias=router_bias, mode=self.bias_mode,
-                normalize=self.normalize_topk,
+                normalize=self.normalize_topk, selection_bias=self.expert_bias,
             )
         beta = self.slow_bias.beta
         bias = beta if router_bias is None else beta + router_bias.to(beta.dtype)
         return route_with_bias(
             logits, self.top_k, self.active_mask, bias, mode=self.bias_mode, normalize=self.normalize_topk,
-            veto=self.slow_bias.config.bridge_veto, token_mask=token_mask,
+            veto=self.slow_bias.config.bridge_veto, token_mask=token_mask, selection_bias=self.expert_bias,
         )
 
     def _capacity_keep(self, topk_index: Tensor) -> Tensor:
@@ -209,7 +254,16 @@ class ChronoMoELayer(nn.Module):
                                                                                   device=expert_out.device))
         gate = torch.where(keep, weight, torch.zeros_like(weight)).to(expert_out.dtype)
         mixture = (expert_out * gate.unsqueeze(-1)).sum(1)
-        if self._observers and (self.training or self.observe_eval):
+        counting = self.training and not in_backward_recompute()
+        if counting and self.tokens_per_expert is not None:
+            self.tokens_per_expert.add_(counts[:e].to(self.tokens_per_expert.dtype))
+        if self.compute_aux_loss and counting:
+            self.aux_loss = load_balancing_loss(
+                routing.probs_clean, index, self.active_mask, slot_mask=keep, token_mask=mask
+            )
+        elif not self.training:
+            self.aux_loss = None
+        if self._observers and (counting or (self.observe_eval and not self.training)):
             if self.lens is None:
                 router_input = hidden.detach()
             else:

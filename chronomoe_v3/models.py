@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .balance import aux_loss
 from .layers import ChronoMoELayer
 
 
@@ -28,7 +31,11 @@ class _Block(nn.Module):
 
 
 class TinyMoELM(nn.Module):
-    """Embedding -> n_layers x (causal attention + ChronoMoELayer) -> logits."""
+    """Embedding -> n_layers x (causal attention + ChronoMoELayer) -> logits.
+
+    `router_bias` gives each router a bias vector (zeros at init); `aux_loss_coef > 0` makes the layers
+    compute the Switch load-balancing loss and `loss()` add `aux_loss_coef` times its mean over layers.
+    """
 
     def __init__(
         self,
@@ -42,10 +49,15 @@ class TinyMoELM(nn.Module):
         num_active: int | None = None,
         max_seq_len: int = 256,
         capacity_factor: float | None = None,
+        router_bias: bool = False,
+        aux_loss_coef: float = 0.0,
     ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is invalid: expected a multiple of n_heads={n_heads}")
+        if not (isinstance(aux_loss_coef, (int, float)) and math.isfinite(aux_loss_coef) and aux_loss_coef >= 0):
+            raise ValueError(f"aux_loss_coef={aux_loss_coef!r} is invalid: expected a finite number >= 0")
+        self.aux_loss_coef = float(aux_loss_coef)
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(max_seq_len, d_model)
         self.blocks = nn.ModuleList(
@@ -54,7 +66,7 @@ class TinyMoELM(nn.Module):
                 n_heads,
                 ChronoMoELayer(
                     d_model, d_ff, max_experts, top_k, num_active=num_active, capacity_factor=capacity_factor,
-                    layer_id=i,
+                    router_bias=router_bias, compute_aux_loss=aux_loss_coef > 0, layer_id=i,
                 ),
             )
             for i in range(n_layers)
@@ -78,5 +90,10 @@ class TinyMoELM(nn.Module):
         return logits
 
     def loss(self, idx: Tensor, targets: Tensor) -> Tensor:
+        """Next-token cross-entropy, plus `aux_loss_coef` times the mean load-balancing loss of the MoE
+        layers (`balance.load_balancing_loss`) in training mode when `aux_loss_coef > 0`."""
         logits = self(idx)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if self.aux_loss_coef > 0 and self.training:
+            loss = loss + self.aux_loss_coef * aux_loss(self)
+        return loss

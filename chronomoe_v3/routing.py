@@ -48,12 +48,15 @@ def route_topk(
     mode: str = "logits",
     normalize: bool = True,
     check_values: bool = False,
+    selection_bias: Tensor | None = None,
 ) -> Routing:
     """Route with the softmax -> top-k (-> renormalise) rule (Mixtral; Qwen/OLMoE with norm_topk_prob).
 
-    `logits [T,E]` are the clean router logits; `bias [E]` is added in fp32. Works for any router that
+    `logits [T,E]` are the clean router logits; `bias [E]` is added in fp32. `selection_bias [E]` (e.g. an
+    aux-loss-free balancer's per-expert bias, `balance.py`) is added in fp32 to the scores that choose the
+    top-k and to nothing else: it never moves gate weights, whatever `mode` says. Works for any router that
     produces logits, not only ChronoMoELayer's. No host synchronisation, unless `check_values` asks for
-    the logits and the bias to be checked finite (a read of device values: for explicit API calls and
+    the logits and the biases to be checked finite (a read of device values: for explicit API calls and
     tests, not for the per-step path).
     """
     if mode not in BIAS_MODES:
@@ -67,10 +70,11 @@ def route_topk(
         raise ValueError(
             f"active_mask has shape {tuple(active_mask.shape)} and dtype {active_mask.dtype}; expected ({e},) bool"
         )
-    if bias is not None and tuple(bias.shape) != (e,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({e},) to match the logits' width")
+    for name, value in (("bias", bias), ("selection_bias", selection_bias)):
+        if value is not None and tuple(value.shape) != (e,):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}; expected ({e},) to match the logits' width")
     if check_values:
-        for name, value in (("logits", logits), ("bias", bias)):
+        for name, value in (("logits", logits), ("bias", bias), ("selection_bias", selection_bias)):
             if value is not None and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{name} holds non-finite values; expected finite {name}")
     z = logits.float()
@@ -81,7 +85,8 @@ def route_topk(
         z_biased = z_clean
     p_clean = torch.softmax(z_clean, dim=-1)
     p_biased = torch.softmax(z_biased, dim=-1) if bias is not None else p_clean
-    _, index = torch.topk(z_biased, top_k, dim=-1)
+    scores = z_biased if selection_bias is None else z_biased + selection_bias.float()
+    _, index = torch.topk(scores, top_k, dim=-1)
     source = p_biased if mode == "logits" else p_clean
     weight = source.gather(1, index)
     if normalize:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .balance import reset_expert_bias
 from .banks import LayerBanks, banks_for
 from .bias import SlowBias
 from .bimodality import BimodalityState, sample_expert_outputs
@@ -49,23 +50,30 @@ from .objective import LayerDecision, LayerView, ObjectiveParams, starvation_fra
 from .ops import OptimizerSurgery
 from .ops.optimizer import _Pending
 from .registry import ExpertRegistry
-from .telemetry import COLLAPSE_CONFIRMED, AlertHistory, SystemSnapshot, TokenCounter
+from .runlog import BASIN_TOP_TOKENS, DECISIONS_FILE, RunLog, finite_or_none, layer_metrics, reading_record
+from .telemetry import COLLAPSE_CONFIRMED, AlertHistory, RoutingEvent, SystemSnapshot, TokenCounter
+from .token_basins import TokenBasins
 from .trace import MoETrace
+from .version import __version__
 
 STATE_FORMAT = 1
-LIFECYCLE_DECISIONS_FILE = "lifecycle_decisions.jsonl"
+LIFECYCLE_DECISIONS_FILE = DECISIONS_FILE
+# Token-basin counts are multiplied by this at every step() call, so recent routing dominates the basins.
+BASIN_DECAY = 0.9
 
 
 @dataclass
 class StepResult:
-    """What one `step()` did: the mid clock's decisions, the slow clock's executed edits, and per-layer
-    readings (`{layer: {phi_fast, phi_mid, phi_slow, share_slow, beta, bimodality, active}}`, CPU tensors)."""
+    """What one `step()` did: the mid clock's decisions, the slow clock's executed edits, per-layer
+    readings (`{layer: {phi_fast, phi_mid, phi_slow, share_slow, beta, bimodality, active}}`, CPU tensors),
+    and `metrics`, a flat `{name: float}` dict any logger takes as it is (names in docs/run_report.md)."""
 
     control_decisions: list[Any]
     lifecycle_actions: list[LifecycleAction]
     coherence_state: dict[int, dict[str, Tensor]]
     snapshot: SystemSnapshot | None = None
     layer_decisions: list[LayerDecision] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class _LayerState(nn.Module):
@@ -193,6 +201,14 @@ class ChronoSystem:
         self.step_calls = 0
         self.last_edit_step: list[int | None] = [None] * len(self.layers)
         self.decision_log = DecisionLog(self._log_path())
+        self.runlog: RunLog | None = None
+        if self.output_dir is not None:
+            self.runlog = RunLog(self.output_dir, self.run_id, self._manifest_metadata())
+        self.token_basins: TokenBasins | None = None
+        self.vocabulary: list[str] | None = None
+        self._token_ids: Tensor | None = None
+        self._token_generation = 0
+        self._token_used = [0] * len(self.layers)
         self.surgery: OptimizerSurgery | None = None
         self._pending_surgery: list[tuple[int, int, int, int]] | None = None
         self._handles: list[RemovableHandle] = [
@@ -202,6 +218,47 @@ class ChronoSystem:
     def _log_path(self) -> Path | None:
         return None if self.output_dir is None else self.output_dir / self.run_id / LIFECYCLE_DECISIONS_FILE
 
+    def _manifest_metadata(self) -> dict[str, Any]:
+        layers = [
+            {"layer_id": i, "name": name, "num_slots": banks.num_slots, "top_k": self.top_k[i],
+             "hidden_size": st.coherence.hidden_size}
+            for i, (name, banks, st) in enumerate(zip(self.layer_names, self.banks, self.states, strict=True))
+        ]
+        return {"library": "chronomoe-v3", "version": __version__, "model": type(self.model).__name__,
+                "config": self.config.to_dict(), "layers": layers}
+
+    # ------------------------------------------------------------------ token basins (optional)
+    def observe_tokens(self, token_ids: Tensor) -> None:
+        """Hand the system the token ids of the batch about to be forwarded (`[B, S]` or `[T]`, in the order
+        the MoE layers see their tokens); each layer's next observed forward with as many tokens counts, per
+        expert, the ids routed to it (`token_basins`, bounded at `ChronoConfig.basin_vocab_limit` ids). The
+        run report shows each expert's most attracted tokens. Optional; no host sync."""
+        if not isinstance(token_ids, Tensor) or token_ids.is_floating_point() or token_ids.is_complex():
+            raise ValueError(f"token_ids is {type(token_ids).__name__} "
+                             f"{getattr(token_ids, 'dtype', '')}; expected an integer tensor")
+        if self.token_basins is None:
+            self.token_basins = TokenBasins(
+                len(self.layers), self.num_slots, self.config.basin_vocab_limit, device=self.device
+            )
+        self._token_ids = token_ids.detach().reshape(-1)
+        self._token_generation += 1
+
+    def set_vocabulary(self, vocabulary: Sequence[str]) -> None:
+        """Strings of the token ids (index = id), so that the run report can print tokens, not ids."""
+        words = list(vocabulary)
+        if not all(isinstance(w, str) for w in words):
+            raise ValueError("vocabulary must be a sequence of strings (index = token id)")
+        self.vocabulary = words
+
+    def _count_tokens(self, i: int, trace: MoETrace) -> None:
+        ids = self._token_ids
+        if ids is None or self.token_basins is None or self._token_used[i] == self._token_generation:
+            return
+        if ids.shape[0] != trace.num_tokens:
+            return  # this forward is not the batch the ids describe
+        self._token_used[i] = self._token_generation
+        self.token_basins.add(i, ids.to(trace.topk_index.device), trace.topk_index, trace.kept_slots())
+
     # ------------------------------------------------------------------ fast clock (per forward, no host sync)
     def _make_observer(self, i: int) -> Any:
         observe = self._observe_compiled if self.compile_observers else self._observe
@@ -210,6 +267,7 @@ class ChronoSystem:
             if _in_backward():
                 return
             observe(i, trace)
+            self._count_tokens(i, trace)
             self.layer_steps[i] += 1  # Python bookkeeping stays outside the (possibly compiled) observer
 
         return _observe
@@ -301,16 +359,17 @@ class ChronoSystem:
             self.surgery.remove()
             self.surgery = None
 
-    def _snapshot(self) -> SystemSnapshot:
+    def _snapshot(self) -> tuple[SystemSnapshot, list[RoutingEvent]]:
         masks = torch.zeros(len(self.layers), self.num_slots, dtype=torch.bool, device=self.device)
         for i, banks in enumerate(self.banks):
             masks[i, : banks.num_slots] = banks.active_mask.to(self.device)
         top_k = min(self.top_k)
         events = self.counter.to_events(self.run_id, self.global_step, "TRAIN", top_k, active_masks=masks)
-        return SystemSnapshot.from_events(
+        snapshot = SystemSnapshot.from_events(
             events, self.global_step, None, None, self.run_id, type(self.model).__name__, len(self.layers),
             self.alert_history,
         )
+        return snapshot, events
 
     def readings(self) -> dict[int, dict[str, Tensor]]:
         out: dict[int, dict[str, Tensor]] = {}
@@ -368,15 +427,22 @@ class ChronoSystem:
                 out[i] = " and ".join(why)
         return out
 
-    def step(self, snapshot: SystemSnapshot | None = None, lenses: Any = None) -> StepResult:
-        """Run the mid clock, and the slow clock when due (or an emergency review); see the module docstring."""
+    def step(
+        self, snapshot: SystemSnapshot | None = None, lenses: Any = None, loss: float | None = None
+    ) -> StepResult:
+        """Run the mid clock, and the slow clock when due (or an emergency review); see the module docstring.
+        `loss` (e.g. the evaluation loss) is recorded in the run directory's readings."""
         if self.global_step == 0:
             raise RuntimeError(
                 "ChronoSystem.step() was called before any observed training forward: run at least one forward "
                 "of the model in training mode (model.train()) first"
             )
+        if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
+            raise ValueError(f"loss={loss!r} is invalid: expected a number or None")
+        events: list[RoutingEvent] = []
         if snapshot is None:
-            snapshot = self._snapshot()
+            snapshot, events = self._snapshot()
+        window_masks = [b.active_mask.detach().cpu().clone() for b in self.banks]
         control = list(self.controller.update(snapshot, lenses)) if self.controller is not None else []
         self.step_calls += 1
         review_due = self.step_calls % self.config.lifecycle_eval_interval == 0
@@ -398,7 +464,69 @@ class ChronoSystem:
                 self.registry.record_basin(i, share, st.coherence.phi_slow)
                 st.coactivation.zero_()
                 st.coactivation_tokens.zero_()
-        return StepResult(control, actions, self.readings(), snapshot, decisions)
+        readings = self.readings()
+        layers = [self._layer_record(i, readings[i], snapshot, window_masks[i]) for i in range(len(self.layers))]
+        metrics: dict[str, float] = {"chronomoe/step": float(step), "chronomoe/edits": float(len(actions))}
+        for layer in layers:
+            metrics.update(layer_metrics(layer))
+        if self.token_basins is not None:
+            self.token_basins.decay(BASIN_DECAY)
+        if self.runlog is not None:
+            record = reading_record(step, self.step_calls, None if loss is None else float(loss), layers, metrics)
+            self.runlog.write_step(record, snapshot, events, control)
+            self.runlog.write_lineage(step, (r.to_dict() for r in self.registry.experts()))
+            if self.token_basins is not None:
+                self.runlog.write_basins(step, self.vocabulary, self._basins())
+        return StepResult(control, actions, readings, snapshot, decisions, metrics)
+
+    def _layer_record(
+        self, i: int, reading: Mapping[str, Tensor], snapshot: SystemSnapshot | None, window_mask: Tensor
+    ) -> dict[str, Any]:
+        """Layer i's entry of a `readings.jsonl` line (docs/run_report.md)."""
+        e = self.banks[i].num_slots
+        share = [0.0] * e
+        neff = top2 = dead = None
+        alerts: list[str] = []
+        layer = snapshot.layer(i) if snapshot is not None else None
+        if layer is not None:
+            slots = window_mask.nonzero().flatten().tolist()
+            if len(slots) == len(layer.utilization_shares):
+                for slot, s in zip(slots, layer.utilization_shares, strict=True):
+                    share[slot] = float(s)
+            neff, top2, dead = float(layer.n_effective), float(layer.top2_share), int(layer.dead_expert_count)
+            alerts = [a.kind for a in snapshot.alerts_for(i)] if snapshot is not None else []
+        st = self.states[i]
+        mask = self.banks[i].active_mask
+        lens = getattr(self.layers[i], "lens", None)
+        scale = getattr(lens, "scale", None)
+
+        def row(t: Tensor) -> list[float | None]:
+            return [finite_or_none(v) for v in t.tolist()]
+
+        return {
+            "layer_id": i,
+            "expert_ids": [None if (r := self.registry.expert_at(i, s)) is None else r.expert_id for s in range(e)],
+            "active": [bool(a) for a in reading["active"].tolist()],
+            "phi_fast": row(reading["phi_fast"]), "phi_mid": row(reading["phi_mid"]),
+            "phi_slow": row(reading["phi_slow"]), "beta": row(reading["beta"]), "share": share,
+            "share_slow": row(reading["share_slow"]), "bimodality": row(reading["bimodality"]),
+            "degrading": [bool(d) for d in st.coherence.degrading(mask).detach().cpu().tolist()],
+            "neff": neff, "top2": top2, "dead": dead,
+            "psi_slow": finite_or_none(float(st.coherence.layer_psi(2))), "alerts": alerts,
+            "lens_scale": float(scale) if isinstance(scale, Tensor) else 0.0,
+        }
+
+    def _basins(self) -> dict[str, dict[str, Any]]:
+        assert self.token_basins is not None
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(len(self.layers)):
+            for slot, (total, pairs) in enumerate(self.token_basins.top(i, BASIN_TOP_TOKENS)):
+                record = self.registry.expert_at(i, slot)
+                if record is not None and total > 0:
+                    out[record.expert_id] = {
+                        "layer": i, "slot": slot, "total": total, "tokens": [[t, c] for t, c in pairs],
+                    }
+        return out
 
     def _review(
         self, step: int, review_due: bool, emergency: Mapping[int, str]
@@ -438,6 +566,11 @@ class ChronoSystem:
             record = apply_edit(edit, parts, self.registry, views[i], step=step, generator=self.generator,
                                 surgery=self.surgery)
             self._reset_slots(i, record.slots)
+            if self.token_basins is not None:
+                renamed = list(record.kept_slots) if record.kind == "split" else []  # child A: a new expert
+                self.token_basins.reset_slots(i, list(record.fresh_slots) + list(record.parked_slots) + renamed)
+            sibling = record.kept_slots[0] if record.kind == "split" and record.kept_slots else None
+            reset_expert_bias(self.layers[i], record.fresh_slots, record.parked_slots, inherit_from=sibling)
             self.last_edit_step[i] = step
             rec = decision_record(d, step=step, run_id=self.run_id, trigger=trigger, slot_ids=slot_ids,
                                   readings=readings, record=record)
@@ -509,6 +642,8 @@ class ChronoSystem:
             "rng": self.generator.get_state(),
             "decisions": [r.to_json() for r in self.decision_log.records],
             "surgery_pending": [list(p) for p in self._pending_state()],
+            "token_basins": None if self.token_basins is None else self.token_basins.counts.detach().clone(),
+            "vocabulary": None if self.vocabulary is None else list(self.vocabulary),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -558,6 +693,14 @@ class ChronoSystem:
         generator = torch.Generator(device=self.device)
         generator.set_state(state["rng"])
         pending = [tuple(int(x) for x in p) for p in state["surgery_pending"]]
+        basin_counts = state.get("token_basins")
+        basins = None
+        if basin_counts is not None:
+            basins = TokenBasins(len(self.layers), self.num_slots, self.config.basin_vocab_limit, device=self.device)
+            if tuple(basin_counts.shape) != tuple(basins.counts.shape):
+                raise ValueError(f"saved token basins have shape {tuple(basin_counts.shape)}; expected "
+                                 f"{tuple(basins.counts.shape)} (layers, slots, basin_vocab_limit + 1)")
+            basins.counts.copy_(basin_counts)
         for b, r, _, _ in pending:
             if not (0 <= b < len(self.banks) and 0 <= r < len(self.banks[b].param_slots())):
                 raise ValueError(f"saved optimiser-surgery entry ({b}, {r}) names no parameter of this system")
@@ -580,6 +723,9 @@ class ChronoSystem:
         self.last_edit_step = [None if int(s) < 0 else int(s) for s in state["last_edit_step"]]
         self.alert_history = AlertHistory(dict(state["alert_history"]))
         self.generator = generator
+        self.token_basins = basins
+        vocabulary = state.get("vocabulary")
+        self.vocabulary = None if vocabulary is None else [str(w) for w in vocabulary]
         if self.output_dir is not None and self.decision_log.path != self._log_path():
             self.decision_log = DecisionLog(self._log_path())
         self.decision_log.records = records

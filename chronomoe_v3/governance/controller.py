@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..jsonl import append_jsonl
 from .lens import SteeringMode, parse_steering_mode
 
 COLLAPSE_CONFIRMED = "COLLAPSE_CONFIRMED"
@@ -300,10 +300,7 @@ class Controller:
         if path is None or not decisions:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            for d in decisions:
-                f.write(json.dumps(d.to_dict(), allow_nan=False) + "\n")
-                f.flush()
+        append_jsonl(path, (d.to_dict() for d in decisions))
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python contents (safe for ``torch.load(weights_only=True)``)."""

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from ..jsonl import append_jsonl, drop_torn_tail, load_jsonl, write_json_atomic
 from .events import RoutingEvent
 from .snapshots import SystemSnapshot
 
@@ -23,21 +23,7 @@ SNAPSHOTS_FILE = "snapshots.jsonl"
 MANIFEST_FILE = "run_manifest.json"
 SCHEMA_VERSION = 1
 
-T = TypeVar("T")
 PathLike = str | os.PathLike[str]
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Truncate bytes after the last newline (a line torn by a crash) so appends start on a fresh line."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    keep = data.rfind(b"\n") + 1
-    warnings.warn(f"{path}: dropping a torn last line ({len(data) - keep} bytes)", stacklevel=3)
-    with open(path, "r+b") as f:
-        f.truncate(keep)
 
 
 class TelemetryWriter:
@@ -53,7 +39,7 @@ class TelemetryWriter:
         self.snapshots_path = self.run_dir / SNAPSHOTS_FILE
         self.manifest_path = self.run_dir / MANIFEST_FILE
         for path in (self.events_path, self.snapshots_path):
-            _drop_torn_tail(path)
+            drop_torn_tail(path)
         manifest = load_manifest(self.manifest_path) if self.manifest_path.exists() else {}
         manifest.setdefault("created", time.time())
         manifest.update(
@@ -65,26 +51,17 @@ class TelemetryWriter:
             manifest["metadata"] = {**manifest.get("metadata", {}), **dict(metadata)}
         self._write_manifest(manifest)
 
-    def _append(self, path: Path, records: Iterable[Mapping[str, Any]]) -> None:
-        with open(path, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
-                f.flush()
-
     def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
-        tmp = self.manifest_path.with_suffix(".json.tmp")
-        text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.manifest_path)
+        write_json_atomic(self.manifest_path, manifest, indent=2, sort_keys=True)
 
     def write_event(self, event: RoutingEvent) -> None:
-        self._append(self.events_path, [event.to_dict()])
+        append_jsonl(self.events_path, [event.to_dict()])
 
     def write_events(self, events: Iterable[RoutingEvent]) -> None:
-        self._append(self.events_path, (e.to_dict() for e in events))
+        append_jsonl(self.events_path, (e.to_dict() for e in events))
 
     def write_snapshot(self, snapshot: SystemSnapshot) -> None:
-        self._append(self.snapshots_path, [snapshot.to_dict()])
+        append_jsonl(self.snapshots_path, [snapshot.to_dict()])
 
     def update_manifest(self, **fields: Any) -> None:
         """Merge ``fields`` into the manifest (rewritten atomically)."""
@@ -98,36 +75,14 @@ def _resolve(path: PathLike, default_name: str) -> Path:
     return p / default_name if p.is_dir() else p
 
 
-def _load_jsonl(path: Path, parse: Callable[[Mapping[str, Any]], T]) -> list[T]:
-    lines = path.read_text(encoding="utf-8").split("\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    out: list[T] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if lineno == len(lines):
-                warnings.warn(f"{path}:{lineno}: dropping a torn last line ({err.msg})", stacklevel=3)
-                break
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}); only the last line may be torn") from err
-        try:
-            out.append(parse(record))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{path}:{lineno}: invalid record: {err}") from err
-    return out
-
-
 def load_routing_events(path: PathLike) -> list[RoutingEvent]:
     """RoutingEvents from a run directory or a ``routing_events.jsonl`` file."""
-    return _load_jsonl(_resolve(path, EVENTS_FILE), RoutingEvent.from_dict)
+    return load_jsonl(_resolve(path, EVENTS_FILE), RoutingEvent.from_dict)
 
 
 def load_snapshots(path: PathLike) -> list[SystemSnapshot]:
     """SystemSnapshots from a run directory or a ``snapshots.jsonl`` file."""
-    return _load_jsonl(_resolve(path, SNAPSHOTS_FILE), SystemSnapshot.from_dict)
+    return load_jsonl(_resolve(path, SNAPSHOTS_FILE), SystemSnapshot.from_dict)
 
 
 def load_manifest(path: PathLike) -> dict[str, Any]:
