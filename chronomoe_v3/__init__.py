@@ -34,8 +34,7 @@ from .registry import EditError, ExpertRecord, ExpertRegistry
 from .routing import Routing, route_topk
 from .system import ChronoSystem, StepResult
 from .trace import MoETrace
-from .version import __version__
-
+from .version import __version__ as __version__
 
 __all__ = [
     "BasinHistory",
