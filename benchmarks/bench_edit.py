@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 import chronomoe_v3
-from chronomoe_v3.banks import banks_for
+from chronomoe_v3.adapters import banks_for
 from chronomoe_v3.config import ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.ops import EditRecord, OptimizerSurgery, merge, prune, restore, spawn, split
-from chronomoe_v3.registry import ExpertRegistry
+from chronomoe_v3.ops.registry import ExpertRegistry
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -4,7 +4,7 @@ Telemetry (v2 contract) lives in `chronomoe_v3.telemetry`, governance (lens, con
 `chronomoe_v3.governance`; everything else is importable from here.
 """
 
-from .banks import (
+from .adapters import (
     ExpertBank,
     LayerBanks,
     ModuleListBank,
@@ -13,28 +13,34 @@ from .banks import (
     banks_for,
     register_bank_factory,
 )
-from .basin import BasinHistory
-from .bias import BridgeReport, SlowBias, bridge_report, route_with_bias, slow_bias_update
-from .bimodality import BimodalityState
+from .bias import SlowBias, slow_bias_update
 from .clocks import ClockConfig, ThreeClockEMA
-from .coherence import (
-    CoherenceState,
-    ExpertStats,
-    attach_coherence,
-    compute_coherence,
-    compute_expert_stats,
-    layer_coherence,
-)
 from .config import ChronoConfig
-from .decisions import DecisionLog, DecisionRecord, load_decisions
 from .layers import ChronoMoELayer
-from .objective import EditCandidate, FreeEnergy, LayerView, free_energy, propose_edits, select_edits
-from .ops import EditRecord, OptimizerSurgery, merge, prune, restore, spawn, split
-from .registry import EditError, ExpertRecord, ExpertRegistry
-from .routing import Routing, route_topk
+from .lifecycle.decisions import DecisionLog, DecisionRecord, load_decisions
+from .lifecycle.objective import EditCandidate, FreeEnergy, free_energy, propose_edits
+from .lifecycle.select import select_edits
+from .observe.bimodality import BimodalityState
+from .observe.coherence import CoherenceState, attach_coherence, compute_coherence, layer_coherence
+from .observe.stats import ExpertStats, compute_expert_stats
+from .ops import (
+    EditError,
+    EditRecord,
+    ExpertRecord,
+    ExpertRegistry,
+    OptimizerSurgery,
+    merge,
+    prune,
+    restore,
+    spawn,
+    split,
+)
+from .ops.basin import BasinHistory
+from .routing import BridgeReport, Routing, bridge_report, route_topk, route_with_bias
 from .system import ChronoSystem, StepResult
 from .trace import MoETrace
 from .version import __version__ as __version__
+from .view import LayerView
 
 __all__ = [
     "BasinHistory",

@@ -1,42 +1,26 @@
-"""The locus: slow routing bias beta (SPEC 4) and overlap safety, the bridge detector (SPEC 5).
+"""The locus: the slow routing bias beta (SPEC 4).
 
 Experts that stay coherent earn a small persistent routing advantage:
 `beta_e <- clip(beta_e + eta * (Phi_slow_e - tau), beta_min, beta_max)` for measured, active experts, then
 (optionally, default on) a centring shift over the active experts. `slow_bias_update` is that rule as a pure
-function; `SlowBias` is the thin module that owns the fp32 `beta [E]` buffer.
+function; `SlowBias` is the thin module that owns the fp32 `beta [E]` buffer. Routing with beta, and the
+bridge detector that keeps it honest, live in `routing.py` (`route_with_bias`).
 
-The bridge detector compares, per token, the clean routing `p_clean = softmax(z_clean)` with the biased one
-`p_biased = softmax(z_clean + beta)` so that beta can only amplify what the input already supports:
-the *support* `s(e) = clamp(p_clean(e) / p_biased(e), 0, 1)` multiplies an expert's gate (the veto),
-`overlap_only(e) = max(0, p_biased(e) - p_clean(e))` is the mass beta moved onto e, the *relevance*
-`r = mean over real tokens of sum_e p_biased(e) * s(e)` (= 1 - mean total-variation distance between the
-two routings) feeds the fast/mid clock retentions, and the Jaccard index of the clean and biased top-k
-sets is a secondary trigger. `route_with_bias` does routing, detector and veto in one call, for any router.
-
-Choices (docs/slow_bias.md):
-- Clip, then centre. The centring shift `c` is the one that gives the active betas mean 0 *while staying
-  inside [beta_min, beta_max]* (`beta_e <- clip(beta_e - c)`; when no bound binds, `c` is the plain mean,
-  a common shift that leaves every softmax unchanged). Both invariants then hold after every update.
-- The support ratio is computed in log space, `exp(min(0, log p_clean - log p_biased))`: the `eps -> 0`
-  limit of SPEC's `p_clean / (p_biased + eps)`, exact (1 when beta is 0, so a zero beta changes nothing)
-  and free of underflow for experts with tiny probabilities.
-- Relevance is the mean over real tokens (padding excluded) of the support averaged over the active
-  experts *with the biased routing probabilities as weights*. An unweighted mean over experts would give
-  the same voice to experts a token never reaches; since `p_clean(e) / p_biased(e) =
-  E_{p_clean}[exp(beta)] / exp(beta_e)`, it would be nearly a function of beta alone.
+Choice (docs/slow_bias.md): clip, then centre. The centring shift `c` is the one that gives the active betas
+mean 0 *while staying inside [beta_min, beta_max]* (`beta_e <- clip(beta_e - c)`; when no bound binds, `c` is
+the plain mean, a common shift that leaves every softmax unchanged). Both invariants then hold after every
+update.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .config import ChronoConfig
-from .routing import Routing, route_topk
 
 
 def _check_vector(name: str, value: Tensor, width: int | None, dtype: torch.dtype | None = None) -> int:
@@ -220,114 +204,3 @@ class SlowBias(nn.Module):
         return self
 
 
-# ---------------------------------------------------------------------- overlap safety
-@dataclass
-class BridgeReport:
-    """How much of a biased routing the input itself supports, for T tokens over E slots (SPEC 5).
-
-    support `[T,E]`: `clamp(p_clean / p_biased, 0, 1)`, the veto factor (1 for inactive slots);
-    overlap_only `[T,E]`: `max(0, p_biased - p_clean)`, routing mass that only the bias put there;
-    relevance `[]`: mean over real tokens of `sum_e p_biased(e) * support(e)` (= 1 - mean TV distance);
-    jaccard `[T]`: |clean top-k ∩ biased top-k| / |clean top-k ∪ biased top-k|; jaccard_mean `[]` over real
-    tokens; topk_index_clean `[T,K]`: the top-k the clean logits alone would choose; gate_support `[T,K]`:
-    the support of each selected slot (the factor the veto applies, or would apply, to its gate).
-    All device tensors; building the report needs no host sync.
-    """
-
-    support: Tensor
-    overlap_only: Tensor
-    relevance: Tensor
-    jaccard: Tensor
-    jaccard_mean: Tensor
-    topk_index_clean: Tensor
-    gate_support: Tensor
-
-    def detach(self) -> BridgeReport:
-        """A copy cut from the autograd graph (what a trace carries)."""
-        return BridgeReport(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
-
-
-def bridge_report(
-    routing: Routing, token_mask: Tensor | None = None, selection_bias: Tensor | None = None
-) -> BridgeReport:
-    """The bridge detector for one routing (its masked clean and biased logits). `token_mask [T]` bool
-    (True = real token) excludes padding from the means; with no real token, relevance and jaccard_mean
-    read 1 (no evidence of bridging). `selection_bias [E]`: the balancer bias the routing selected with
-    (`route_topk(selection_bias=...)`); the clean top-k it is compared with then includes it too, so the
-    Jaccard index measures beta's effect on the choice alone."""
-    z_clean, z_biased = routing.logits_clean, routing.logits_biased
-    t, k = routing.topk_index.shape
-    if token_mask is not None:
-        if tuple(token_mask.shape) != (t,) or token_mask.dtype != torch.bool:
-            raise ValueError(
-                f"token_mask has shape {tuple(token_mask.shape)} and dtype {token_mask.dtype}; expected ({t},) bool"
-            )
-    reachable = torch.isfinite(z_clean) & torch.isfinite(z_biased)
-    log_ratio = torch.log_softmax(z_clean, -1) - torch.log_softmax(z_biased, -1)  # NaN at masked slots
-    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
-    # Sanitise before exp, not after: a NaN inside the unused branch of a `where` poisons its gradient.
-    log_ratio = torch.where(reachable, torch.minimum(log_ratio, zero), zero)
-    support = torch.where(reachable, torch.exp(log_ratio), torch.ones_like(log_ratio))
-    p_clean, p_biased = routing.probs_clean, routing.probs_biased
-    overlap_only = (p_biased - p_clean).clamp_min(0.0)
-    # sum_e p_biased * support, written as 1 - sum_e p_biased * (1 - support) so that it is exactly 1 at beta 0
-    per_token = 1.0 - (p_biased * (1.0 - support)).sum(-1)
-    clean_scores = z_clean if selection_bias is None else z_clean + selection_bias.float()
-    topk_clean = torch.topk(clean_scores, k, dim=-1).indices
-    inter = (topk_clean.unsqueeze(2) == routing.topk_index.unsqueeze(1)).any(-1).sum(-1).float()
-    jaccard = inter / (2 * k - inter)
-    if token_mask is None:
-        weights = torch.full((t,), 1.0 / t, device=per_token.device)
-    else:
-        real = token_mask.to(per_token.dtype)
-        weights = real / real.sum().clamp_min(1.0)
-    empty = weights.sum() <= 0
-    one = torch.ones((), dtype=per_token.dtype, device=per_token.device)
-    relevance = torch.where(empty, one, (weights * per_token).sum().clamp(0.0, 1.0))
-    jaccard_mean = torch.where(empty, one, (weights * jaccard).sum())
-    return BridgeReport(
-        support=support,
-        overlap_only=overlap_only,
-        relevance=relevance,
-        jaccard=jaccard,
-        jaccard_mean=jaccard_mean,
-        topk_index_clean=topk_clean,
-        gate_support=support.gather(1, routing.topk_index),
-    )
-
-
-def apply_veto(topk_weight: Tensor, gate_support: Tensor, renormalize: bool = False) -> Tensor:
-    """The bridge veto: `g_eff = g_biased * clamp(p_clean / p_biased, 0, 1)` per selected slot. An expert
-    chosen only because of the bias loses its gate; one the input supports keeps it. No renormalisation by
-    default (vetoed mass is dropped, not handed to the other selected experts)."""
-    gated = topk_weight * gate_support.to(topk_weight.dtype)
-    if renormalize:
-        gated = gated / gated.sum(-1, keepdim=True).clamp_min(1e-20)
-    return gated
-
-
-def route_with_bias(
-    logits: Tensor,
-    top_k: int,
-    active_mask: Tensor | None,
-    beta: Tensor,
-    *,
-    mode: str = "logits",
-    normalize: bool = True,
-    veto: bool = True,
-    token_mask: Tensor | None = None,
-    check_values: bool = False,
-    selection_bias: Tensor | None = None,
-) -> Routing:
-    """Route any router's clean `logits [T,E]` with the slow bias `beta [E]` (fp32 add, inactive slots -inf,
-    then the softmax -> top-k rule of `route_topk` in `mode`), run the bridge detector, and (with `veto`)
-    apply the veto to the gate weights. The report rides on the result as `routing.bridge`.
-    `selection_bias [E]` (a balancer's) only moves the top-k choice (`route_topk`); the detector judges beta
-    alone (its probabilities never include the selection bias), so a balancer is never vetoed."""
-    routing = route_topk(
-        logits, top_k, active_mask, bias=beta, mode=mode, normalize=normalize, check_values=check_values,
-        selection_bias=selection_bias,
-    )
-    report = bridge_report(routing, token_mask, selection_bias)
-    weight = apply_veto(routing.topk_weight, report.gate_support) if veto else routing.topk_weight
-    return replace(routing, topk_weight=weight, bridge=report)

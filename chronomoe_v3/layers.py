@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .balance import load_balancing_loss
-from .bias import SlowBias, route_with_bias
+from .bias import SlowBias
 from .config import BIAS_MODES, ChronoConfig
 from .grouped import grouped_mm
-from .routing import Routing, route_topk
+from .routing import Routing, route_topk, route_with_bias
 from .trace import MoETrace
 
 Observer = Callable[[MoETrace], Any]
@@ -24,7 +24,10 @@ Observer = Callable[[MoETrace], Any]
 
 def in_backward_recompute() -> bool:
     """True while autograd runs a backward pass: a forward seen now is activation checkpointing's recompute
-    (reentrant or not), which must not be counted or observed a second time."""
+    (reentrant or not), which must not be counted or observed a second time. Inside a `torch.compile`d
+    forward it is False: a compiled backward replays tensor math only, never the observers' side effects."""
+    if torch.compiler.is_compiling():
+        return False
     return bool(torch._C._current_graph_task_id() != -1)
 
 

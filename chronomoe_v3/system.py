@@ -37,24 +37,25 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .adapters import LayerBanks, banks_for
 from .balance import reset_expert_bias
-from .banks import LayerBanks, banks_for
 from .bias import SlowBias
-from .bimodality import BimodalityState, sample_expert_outputs
 from .clocks import ema_debiased, ema_update
-from .coherence import CoherenceState, coherence_reference, compute_expert_stats
 from .config import ChronoConfig
-from .decisions import DecisionLog, DecisionRecord
-from .lifecycle import LayerParts, LifecycleAction, apply_edit, decision_record, expert_readings, review
-from .objective import LayerDecision, LayerView, ObjectiveParams, starvation_fraction
-from .ops import OptimizerSurgery
-from .ops.optimizer import _Pending
-from .registry import ExpertRegistry
+from .lifecycle.cycle import LayerParts, LifecycleAction, apply_edit, decision_record, expert_readings, review
+from .lifecycle.decisions import DecisionLog, DecisionRecord
+from .lifecycle.objective import LayerDecision, ObjectiveParams
+from .observe.bimodality import BimodalityState, sample_expert_outputs
+from .observe.coherence import CoherenceState
+from .observe.stats import coherence_reference, compute_expert_stats, starvation_fraction
+from .observe.tokens import TokenBasins
+from .ops import ExpertRegistry, OptimizerSurgery
+from .ops.surgery import _Pending
 from .runlog import BASIN_TOP_TOKENS, DECISIONS_FILE, RunLog, finite_or_none, layer_metrics, reading_record
 from .telemetry import COLLAPSE_CONFIRMED, AlertHistory, RoutingEvent, SystemSnapshot, TokenCounter
-from .token_basins import TokenBasins
 from .trace import MoETrace
 from .version import __version__
+from .view import LayerView
 
 STATE_FORMAT = 1
 LIFECYCLE_DECISIONS_FILE = DECISIONS_FILE

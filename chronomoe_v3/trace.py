@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .bias import BridgeReport
+    from .routing import BridgeReport
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from chronomoe_v3 import ChronoConfig, CoherenceState, attach_coherence
-from chronomoe_v3.datasets import INSTALL_HINT, CharCorpus, load_shakespeare
-from chronomoe_v3.models import TinyMoELM
+from chronomoe_v3.toy.datasets import INSTALL_HINT, CharCorpus, load_shakespeare
+from chronomoe_v3.toy.models import TinyMoELM
 
 try:
     from tqdm import tqdm

@@ -19,9 +19,9 @@ import torch
 from tqdm import tqdm
 
 from chronomoe_v3.config import ChronoConfig
-from chronomoe_v3.datasets import load_shakespeare
-from chronomoe_v3.models import TinyMoELM
 from chronomoe_v3.system import ChronoSystem
+from chronomoe_v3.toy.datasets import load_shakespeare
+from chronomoe_v3.toy.models import TinyMoELM
 
 
 def main(steps: int = 120, seq: int = 64, batch: int = 8, out: Path | None = None) -> None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from chronomoe_v3.coherence import CoherenceState, compute_expert_stats
+from chronomoe_v3 import CoherenceState, compute_expert_stats
 from chronomoe_v3.config import ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.trace import MoETrace

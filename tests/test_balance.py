@@ -15,9 +15,9 @@ from chronomoe_v3.balance import (
     load_balancing_loss,
     reset_expert_bias,
 )
-from chronomoe_v3.models import TinyMoELM
 from chronomoe_v3.routing import route_topk
 from chronomoe_v3.telemetry import compute_n_effective
+from chronomoe_v3.toy.models import TinyMoELM
 
 
 def test_aux_loss_hand_example():

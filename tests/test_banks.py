@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from chronomoe_v3.banks import (
+from chronomoe_v3.adapters import (
     ExpertBank,
     LayerBanks,
     ModuleListBank,

@@ -204,7 +204,7 @@ def test_beta_decides_a_forced_choice_and_is_latent_under_plenty():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for sync debug mode")
 def test_update_and_biased_routing_do_not_sync_the_host():
-    from chronomoe_v3.bias import route_with_bias
+    from chronomoe_v3.routing import route_with_bias
 
     bias = SlowBias(8, device="cuda")
     active = torch.ones(8, dtype=torch.bool, device="cuda")

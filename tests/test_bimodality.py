@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from chronomoe_v3.bimodality import BimodalityState, sample_expert_outputs
 from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.observe.bimodality import BimodalityState, sample_expert_outputs
 from chronomoe_v3.trace import MoETrace
 
 ALPHA = ChronoConfig().alpha_centroid

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from chronomoe_v3.bias import apply_veto, bridge_report, route_with_bias
-from chronomoe_v3.coherence import CoherenceState, compute_expert_stats
+from chronomoe_v3 import CoherenceState, compute_expert_stats
 from chronomoe_v3.config import ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
-from chronomoe_v3.routing import route_topk
+from chronomoe_v3.routing import apply_veto, bridge_report, route_topk, route_with_bias
 
 DOG, SUPERMAN = 0, 1
 

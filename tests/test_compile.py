@@ -79,7 +79,7 @@ def _flatten(tree, prefix=""):
 @pytest.mark.slow
 def test_chronosystem_compiled_observers_match_eager():
     from chronomoe_v3 import ChronoConfig, ChronoSystem
-    from chronomoe_v3.models import TinyMoELM
+    from chronomoe_v3.toy.models import TinyMoELM
 
     def run(compiled):
         torch.manual_seed(0)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from chronomoe_v3.decisions import (
+from chronomoe_v3.lifecycle.decisions import (
     CompetingEdit,
     DecisionLog,
     DecisionRecord,

@@ -12,19 +12,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chronomoe_v3.config import ChronoConfig
-from chronomoe_v3.objective import (
+from chronomoe_v3.lifecycle.objective import (
     ADDITIVE_ACTIONS,
     EditCandidate,
     FreeEnergy,
-    LayerView,
     ObjectiveParams,
     free_energy,
     propose_edits,
     redundancy_matrix,
-    select_edit,
-    select_edits,
-    starvation_fraction,
 )
+from chronomoe_v3.lifecycle.select import select_edit, select_edits
+from chronomoe_v3.observe.stats import starvation_fraction
+from chronomoe_v3.view import LayerView
 
 CFG = ChronoConfig()
 NAN = float("nan")

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chronomoe_v3.banks import LayerBanks, ModuleListBank, RouterBank, banks_for, register_bank_factory
-from chronomoe_v3.coherence import compute_expert_stats
+from chronomoe_v3 import compute_expert_stats
+from chronomoe_v3.adapters import LayerBanks, ModuleListBank, RouterBank, banks_for, register_bank_factory
 from chronomoe_v3.config import ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.ops import merge, prune, restore, spawn, split
-from chronomoe_v3.registry import ExpertRegistry
+from chronomoe_v3.ops.registry import ExpertRegistry
 
 D, F_FF, E = 8, 16, 8
 
@@ -257,7 +257,7 @@ def test_split_with_router_margin_separates_the_roles_and_preserves_the_output_a
 
 
 def test_split_router_margin_needs_separable_anchors():
-    from chronomoe_v3.registry import EditError
+    from chronomoe_v3.ops.registry import EditError
 
     s = Setup("chrono", top_k=2, live=4)
     a = torch.randn(D, dtype=torch.float64)

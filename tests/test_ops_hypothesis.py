@@ -4,11 +4,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chronomoe_v3.banks import banks_for
+from chronomoe_v3.adapters import banks_for
 from chronomoe_v3.config import ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.ops import OptimizerSurgery, merge, prune, restore, spawn, split
-from chronomoe_v3.registry import EditError, ExpertRegistry
+from chronomoe_v3.ops.registry import EditError, ExpertRegistry
 
 E, MIN, MAX = 6, 2, 5
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from chronomoe_v3.banks import LayerBanks, ModuleListBank, RouterBank, banks_for
+from chronomoe_v3.adapters import LayerBanks, ModuleListBank, RouterBank, banks_for
 from chronomoe_v3.config import ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.ops import (
@@ -17,7 +17,7 @@ from chronomoe_v3.ops import (
     spawn,
     split,
 )
-from chronomoe_v3.registry import ExpertRegistry
+from chronomoe_v3.ops.registry import ExpertRegistry
 
 E, LIVE = 6, 4
 

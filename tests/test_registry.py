@@ -5,9 +5,9 @@ import pytest
 import torch
 from helpers import tree_equal
 
-from chronomoe_v3.basin import BasinHistory
 from chronomoe_v3.config import ChronoConfig
-from chronomoe_v3.registry import EditError, ExpertRegistry, expert_id
+from chronomoe_v3.ops.basin import BasinHistory
+from chronomoe_v3.ops.registry import EditError, ExpertRegistry, expert_id
 
 
 def _registry(**cfg):
@@ -142,11 +142,11 @@ def test_load_state_dict_rejects_other_shapes():
 def test_archive_keeps_at_most_capacity_parked_experts():
     import torch
 
-    from chronomoe_v3.banks import banks_for
+    from chronomoe_v3.adapters import banks_for
     from chronomoe_v3.config import ChronoConfig
     from chronomoe_v3.layers import ChronoMoELayer
     from chronomoe_v3.ops import prune, restore, spawn
-    from chronomoe_v3.registry import EditError, ExpertRegistry
+    from chronomoe_v3.ops.registry import EditError, ExpertRegistry
 
     torch.manual_seed(0)
     layer = ChronoMoELayer(4, 4, 6, 1)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from chronomoe_v3.decisions import CompetingEdit, DecisionRecord, ExpertCoherence, PredictedFreeEnergy
+from chronomoe_v3.lifecycle.decisions import CompetingEdit, DecisionRecord, ExpertCoherence, PredictedFreeEnergy
 from chronomoe_v3.report import load_run, render_compare, render_report
 from chronomoe_v3.report.cli import main
 

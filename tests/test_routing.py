@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from chronomoe_v3.bias import route_with_bias
 from chronomoe_v3.config import ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
-from chronomoe_v3.routing import route_topk
+from chronomoe_v3.routing import route_topk, route_with_bias
 
 
 def _logits(t=16, e=6, seed=0):

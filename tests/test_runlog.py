@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from chronomoe_v3 import ChronoConfig, ChronoSystem, load_decisions
-from chronomoe_v3.models import TinyMoELM
 from chronomoe_v3.telemetry import load_manifest, load_snapshots
+from chronomoe_v3.toy.models import TinyMoELM
 
 
 def _run(tmp_path, steps=6, tokens=True):

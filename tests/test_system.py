@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from chronomoe_v3.config import ChronoConfig
-from chronomoe_v3.decisions import load_decisions
 from chronomoe_v3.governance.controller import Controller
 from chronomoe_v3.layers import ChronoMoELayer
-from chronomoe_v3.models import TinyMoELM
+from chronomoe_v3.lifecycle.decisions import load_decisions
 from chronomoe_v3.system import ChronoSystem
+from chronomoe_v3.toy.models import TinyMoELM
 
 torch.set_num_threads(1)
 
@@ -235,7 +235,7 @@ def test_resume_in_fresh_process_is_bitwise_identical(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for sync debug mode")
 def test_training_step_with_system_attached_never_syncs_the_host():
-    from chronomoe_v3.models import TinyMoELM
+    from chronomoe_v3.toy.models import TinyMoELM
 
     torch.manual_seed(0)
     # bf16: the grouped expert matmul's native CUDA kernel (the fp32 fallback reads group offsets on the host)

@@ -34,9 +34,9 @@ import torch
 
 from chronomoe_v3 import ChronoConfig, ChronoSystem
 from chronomoe_v3.balance import AuxLossFreeBalancer
-from chronomoe_v3.datasets import CharCorpus, load_shakespeare
-from chronomoe_v3.models import TinyMoELM
 from chronomoe_v3.telemetry import compute_n_effective, compute_top2_share
+from chronomoe_v3.toy.datasets import CharCorpus, load_shakespeare
+from chronomoe_v3.toy.models import TinyMoELM
 
 SCENARIOS = ("normal", "collapsed", "damaged", "under", "over")
 ARMS = ("plain", "aux", "auxfree", "chronomoe", "chronomoe+auxfree", "chronomoe+aux")

@@ -1,13 +1,17 @@
 """Lifecycle operations on fixed-width expert banks: weights, router rows, registry and optimiser state."""
 
-from .common import EditRecord
 from .merge import merge
-from .optimizer import OptimizerSurgery, adam_first_step_seed, reset_slot_state
 from .prune import prune, restore
+from .record import EditError, EditRecord
+from .registry import ExpertRecord, ExpertRegistry
 from .spawn import spawn
 from .split import split
+from .surgery import OptimizerSurgery, adam_first_step_seed, reset_slot_state
 
 __all__ = [
+    "EditError",
+    "ExpertRecord",
+    "ExpertRegistry",
     "EditRecord",
     "OptimizerSurgery",
     "adam_first_step_seed",

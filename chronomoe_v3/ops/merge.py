@@ -6,10 +6,8 @@ import math
 
 import torch
 
-from ..banks import LayerBanks
-from ..registry import EditError, ExpertRegistry
+from ..adapters import LayerBanks
 from .common import (
-    EditRecord,
     check_can_remove,
     check_edit,
     clear_slot,
@@ -18,7 +16,9 @@ from .common import (
     normalise_usage,
     weighted_average,
 )
-from .optimizer import OptimizerSurgery
+from .record import EditError, EditRecord
+from .registry import ExpertRegistry
+from .surgery import OptimizerSurgery
 
 
 def merge(

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from ..banks import LayerBanks
-from ..registry import ExpertRegistry
+from ..adapters import LayerBanks
 from .common import (
-    EditRecord,
     check_can_add,
     check_can_remove,
     check_edit,
@@ -15,7 +13,9 @@ from .common import (
     finish,
     read_parked,
 )
-from .optimizer import OptimizerSurgery
+from .record import EditRecord
+from .registry import ExpertRegistry
+from .surgery import OptimizerSurgery
 
 
 def prune(

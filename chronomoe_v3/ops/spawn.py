@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..banks import LayerBanks
+from ..adapters import LayerBanks
 from ..config import SPAWN_STRATEGIES
-from ..registry import EditError, ExpertRegistry
 from .common import (
-    EditRecord,
     check_can_add,
     check_edit,
     check_scale,
@@ -18,7 +16,9 @@ from .common import (
     random_like_rms,
     relative_noise,
 )
-from .optimizer import OptimizerSurgery
+from .record import EditError, EditRecord
+from .registry import ExpertRegistry
+from .surgery import OptimizerSurgery
 
 
 def spawn(

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..banks import LayerBanks
-from ..registry import EditError, ExpertRegistry
+from ..adapters import LayerBanks
 from .common import (
-    EditRecord,
     check_can_add,
     check_edit,
     check_scale,
@@ -18,7 +16,9 @@ from .common import (
     separating_offsets,
     split_logit_shift,
 )
-from .optimizer import OptimizerSurgery
+from .record import EditError, EditRecord
+from .registry import ExpertRegistry
+from .surgery import OptimizerSurgery
 
 
 def split(

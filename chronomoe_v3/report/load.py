@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..decisions import DecisionRecord
 from ..governance.controller import ControlDecision
+from ..lifecycle.decisions import DecisionRecord
 
 MANIFEST_FILE = "run_manifest.json"
 READINGS_FILE = "readings.jsonl"

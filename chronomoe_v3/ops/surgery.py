@@ -32,9 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..banks import LayerBanks, ParamSlots
-from ..registry import EditError
-from .common import EditRecord
+from ..adapters import LayerBanks, ParamSlots
+from .record import EditError, EditRecord
 
 
 def state_tensors(optimizer: torch.optim.Optimizer, param: Tensor) -> list[Tensor]:

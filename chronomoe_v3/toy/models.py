@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .balance import aux_loss
-from .layers import ChronoMoELayer
+from ..balance import aux_loss
+from ..layers import ChronoMoELayer
 
 
 class _Block(nn.Module):

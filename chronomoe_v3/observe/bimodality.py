@@ -39,9 +39,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .clocks import ema_debiased, ema_update
-from .config import ChronoConfig
-from .trace import MoETrace
+from ..clocks import ema_debiased, ema_update
+from ..config import ChronoConfig
+from ..trace import MoETrace
 
 DEFAULT_SAMPLES_PER_EXPERT = 8
 DEFAULT_SEED_COSINE = 0.9

@@ -59,14 +59,14 @@ edits across layers (lowest delta_F first) are kept and the other layers do noth
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .coherence import layer_coherence
-from .config import ChronoConfig
+from ..config import ChronoConfig
+from ..observe.coherence import layer_coherence
+from ..view import LayerView
 
 ACTIONS = ("prune", "merge", "split", "spawn")
 ADDITIVE_ACTIONS = ("spawn", "split")
@@ -110,90 +110,6 @@ class ObjectiveParams:
             raise ValueError(
                 f"starvation_confidence={self.starvation_confidence!r} is invalid: expected a value in (0, 1)"
             )
-
-
-@dataclass
-class LayerView:
-    """What the slow objective reads for one layer (E slots, width H). Any device; read on the host.
-
-    active [E] bool: slots in play (router unmasked), cooling experts included.
-    cooling [E] bool: born and not yet judged; never a candidate.
-    phi_slow [E]: debiased slow coherence, NaN = unmeasured. share_slow [E]: slow token share.
-    fired [E] bool: share > 0 on at least one step of the recent window (False only after a full window).
-    role [E, H]: role vectors (NaN rows = never measured). bimodality [E]: BimodalityState.bimodality.
-    coactivation [E, E]: co-routing over the window, any scale (only ratios are read): row e sums, over
-    tokens with e among the clean top-2, the router's interchangeability `min(1, p_f / p_e)` (so the
-    diagonal counts e's candidate tokens); see `routing_overlap`. starvation: slow EMA of
-    `starvation_fraction`. observations [E]: measured steps.
-    centroid_phi / centroid_weights [2, E] (optional): BimodalityState readings for the split prediction
-    (each role's predicted coherence as a split child, and its traffic share).
-    """
-
-    layer_id: int
-    active: Tensor
-    cooling: Tensor
-    phi_slow: Tensor
-    share_slow: Tensor
-    fired: Tensor
-    role: Tensor
-    bimodality: Tensor
-    coactivation: Tensor
-    starvation: Tensor | float
-    observations: Tensor
-    centroid_phi: Tensor | None = None
-    centroid_weights: Tensor | None = None
-
-    @property
-    def num_slots(self) -> int:
-        return int(self.active.shape[0])
-
-    def validate(self) -> LayerView:
-        e = self.num_slots
-        vectors = {
-            "active": self.active, "cooling": self.cooling, "phi_slow": self.phi_slow, "share_slow": self.share_slow,
-            "fired": self.fired, "bimodality": self.bimodality, "observations": self.observations,
-        }
-        for name, t in vectors.items():
-            if tuple(t.shape) != (e,):
-                raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected ({e},)")
-        for name in ("active", "cooling", "fired"):
-            if vectors[name].dtype != torch.bool:
-                raise ValueError(f"LayerView.{name} has dtype {vectors[name].dtype}; expected torch.bool")
-        if self.role.dim() != 2 or self.role.shape[0] != e:
-            raise ValueError(f"LayerView.role has shape {tuple(self.role.shape)}; expected ({e}, H)")
-        if tuple(self.coactivation.shape) != (e, e):
-            raise ValueError(f"LayerView.coactivation has shape {tuple(self.coactivation.shape)}; expected ({e}, {e})")
-        for name in ("centroid_phi", "centroid_weights"):
-            t = getattr(self, name)
-            if t is not None and tuple(t.shape) != (2, e):
-                raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected (2, {e})")
-        s = float(self.starvation)
-        if not 0.0 <= s <= 1.0:
-            raise ValueError(f"LayerView.starvation={s!r} is invalid: expected a fraction in [0, 1]")
-        return self
-
-    def to_host(self) -> LayerView:
-        """A validated copy on the CPU in float64 (bool masks kept)."""
-        self.validate()
-
-        def f(t: Tensor) -> Tensor:
-            return t.detach().to("cpu", torch.float64)
-
-        return LayerView(
-            layer_id=int(self.layer_id),
-            active=self.active.detach().cpu(),
-            cooling=self.cooling.detach().cpu(),
-            phi_slow=f(self.phi_slow),
-            share_slow=f(self.share_slow),
-            fired=self.fired.detach().cpu(),
-            role=f(self.role),
-            bimodality=f(self.bimodality),
-            coactivation=f(self.coactivation),
-            starvation=float(self.starvation),
-            observations=self.observations.detach().cpu().to(torch.int64),
-            centroid_phi=None if self.centroid_phi is None else f(self.centroid_phi),
-            centroid_weights=None if self.centroid_weights is None else f(self.centroid_weights),
-        )
 
 
 @dataclass(frozen=True)
@@ -248,32 +164,6 @@ class LayerDecision:
     @property
     def do_nothing(self) -> bool:
         return self.edit is None
-
-
-# ---------------------------------------------------------------------- per-step signal
-def starvation_fraction(
-    router_logits_clean: Tensor,
-    active_mask: Tensor,
-    top_k: int,
-    token_mask: Tensor | None = None,
-    confidence: float = ObjectiveParams.starvation_confidence,
-) -> Tensor:
-    """Fraction of real tokens that fit no expert well (a device scalar; no host sync).
-
-    `p = softmax(z_clean)` over active slots, `mass` = the token's top-k probability mass,
-    `fit = (mass - k/n) / (1 - k/n)` with n active slots (uniform router -> 0, one-hot -> 1); a token is
-    starved when `fit < confidence`. A layer with n <= k (every token reaches every expert) reads 0.
-    """
-    z = router_logits_clean.float().masked_fill(~active_mask.to(router_logits_clean.device), float("-inf"))
-    p = torch.softmax(z, dim=-1)
-    n = active_mask.sum().to(p.dtype)
-    k = min(int(top_k), int(z.shape[-1]))
-    mass = p.topk(k, dim=-1).values.sum(-1)
-    base = (k / n.clamp_min(1.0)).clamp_max(1.0)
-    fit = (mass - base) / (1.0 - base).clamp_min(_EPS)
-    starved = (fit < confidence) & (n > k)
-    real = torch.ones_like(starved) if token_mask is None else token_mask.to(starved.device).bool()
-    return (starved & real).sum().to(p.dtype) / real.sum().clamp_min(1).to(p.dtype)
 
 
 # ---------------------------------------------------------------------- free energy
@@ -488,95 +378,3 @@ def _cos(u: Tensor, v: Tensor) -> Tensor:
     return (u * v).sum() / (u.norm() * v.norm()).clamp_min(_EPS)
 
 
-# ---------------------------------------------------------------------- selection
-def _rank(c: EditCandidate) -> tuple[float, int, int]:
-    return (c.delta_F, ACTIONS.index(c.action), -1 if c.expert_id is None else c.expert_id)
-
-
-def select_edit(
-    candidates: Sequence[EditCandidate],
-    config: ChronoConfig,
-    *,
-    layer_id: int | None = None,
-    allowed_actions: Sequence[str] = ACTIONS,
-) -> LayerDecision:
-    """The single best edit of one layer, or do nothing.
-
-    Among candidates whose action is allowed, the lowest predicted delta_F wins if
-    `delta_F < -min_improvement`, or if it is a fallback prune; otherwise the layer does nothing.
-    """
-    layers = {c.layer_id for c in candidates}
-    if layer_id is not None:
-        layers.add(layer_id)
-    if len(layers) != 1:
-        raise ValueError(f"select_edit got candidates of layers {sorted(layers)}; expected exactly one layer")
-    (layer,) = layers
-    for action in allowed_actions:
-        if action not in ACTIONS:
-            raise ValueError(f"allowed action {action!r} is invalid: expected one of {list(ACTIONS)}")
-    ranked = tuple(sorted(candidates, key=_rank))
-    allowed = [c for c in ranked if c.action in allowed_actions]
-    winners = [c for c in allowed if c.delta_F < -config.min_improvement or c.fallback]
-    if winners:
-        edit = winners[0]
-        why = ("utilisation fallback" if edit.fallback and edit.delta_F >= -config.min_improvement
-               else f"predicted delta_F={edit.delta_F:.4f} < -min_improvement={-config.min_improvement}")
-        return LayerDecision(layer, edit, ranked, f"{edit.action}: {why}")
-    if not ranked:
-        return LayerDecision(layer, None, ranked, "do nothing: no candidate edit")
-    if not allowed:
-        return LayerDecision(layer, None, ranked, f"do nothing: only {list(allowed_actions)} allowed now")
-    best = allowed[0]
-    return LayerDecision(
-        layer, None, ranked,
-        f"do nothing: best candidate {best.action} predicts delta_F={best.delta_F:.4f}, "
-        f"not below -min_improvement={-config.min_improvement}",
-    )
-
-
-def _flag(flags: Mapping[int, bool] | Sequence[bool], layer: int, name: str) -> bool:
-    try:
-        return bool(flags[layer])
-    except (KeyError, IndexError):
-        raise ValueError(f"{name} has no entry for layer {layer}; expected one flag per reviewed layer") from None
-
-
-def select_edits(
-    per_layer_candidates: Mapping[int, Sequence[EditCandidate]],
-    config: ChronoConfig,
-    cooldown_ok: Mapping[int, bool] | Sequence[bool],
-    emergency: Mapping[int, bool] | Sequence[bool],
-    *,
-    review_due: bool,
-) -> list[LayerDecision]:
-    """One decision per layer (sorted by layer id) under the cycle's rules.
-
-    A layer in cooldown (`cooldown_ok[layer]` False) does nothing, emergency or not. When the regular
-    review is due every action is allowed; otherwise only layers with `emergency[layer]` are reviewed, and
-    only additive edits (spawn, split) may run early: prune and merge wait for the regular review. At
-    most `max_edits_per_cycle` edits survive across layers, lowest predicted delta_F first.
-    """
-    decisions: dict[int, LayerDecision] = {}
-    for layer in sorted(per_layer_candidates):
-        candidates = per_layer_candidates[layer]
-        ranked = tuple(sorted(candidates, key=_rank))
-        if not _flag(cooldown_ok, layer, "cooldown_ok"):
-            decisions[layer] = LayerDecision(layer, None, ranked, f"do nothing: layer cooling down "
-                                                                  f"(cooldown_steps={config.cooldown_steps})")
-        elif review_due:
-            decisions[layer] = select_edit(candidates, config, layer_id=layer)
-        elif _flag(emergency, layer, "emergency"):
-            d = select_edit(candidates, config, layer_id=layer, allowed_actions=ADDITIVE_ACTIONS)
-            decisions[layer] = replace(d, reason=f"emergency review (only additive edits run early); {d.reason}")
-        else:
-            decisions[layer] = LayerDecision(layer, None, ranked, "do nothing: no review due")
-    chosen = sorted(
-        ((d, d.edit) for d in decisions.values() if d.edit is not None), key=lambda pair: _rank(pair[1])
-    )
-    for d, _ in chosen[config.max_edits_per_cycle:]:
-        decisions[d.layer_id] = replace(
-            d, edit=None,
-            reason=f"do nothing: cycle budget max_edits_per_cycle={config.max_edits_per_cycle} spent "
-                   f"(would have been: {d.reason})",
-        )
-    return [decisions[layer] for layer in sorted(decisions)]

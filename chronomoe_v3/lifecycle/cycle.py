@@ -32,16 +32,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .banks import LayerBanks
-from .bias import SlowBias
-from .bimodality import BimodalityState
-from .coherence import CoherenceState
-from .config import ChronoConfig
+from ..adapters import LayerBanks
+from ..bias import SlowBias
+from ..config import ChronoConfig
+from ..observe.bimodality import BimodalityState
+from ..observe.coherence import CoherenceState
+from ..ops import EditError, EditRecord, ExpertRegistry, OptimizerSurgery, merge, prune, spawn, split
+from ..ops.common import separating_offsets
+from ..view import LayerView
 from .decisions import CompetingEdit, DecisionRecord, ExpertCoherence, PredictedFreeEnergy
-from .objective import EditCandidate, LayerDecision, LayerView, ObjectiveParams, propose_edits, select_edits
-from .ops import EditRecord, OptimizerSurgery, merge, prune, spawn, split
-from .ops.common import separating_offsets
-from .registry import EditError, ExpertRegistry
+from .objective import EditCandidate, LayerDecision, ObjectiveParams, propose_edits
+from .select import select_edits
 
 # Split children's router margin: at its role's mean router input a child takes 1 / (1 + e^-4) = 98% of
 # the parent's routing mass (the sibling the rest).

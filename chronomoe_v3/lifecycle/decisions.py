@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .jsonl import drop_torn_tail, load_jsonl
+from ..jsonl import drop_torn_tail, load_jsonl
 
 RECORD_ACTIONS = ("prune", "merge", "split", "spawn", "do_nothing")
 EDIT_ACTIONS = ("prune", "merge", "split", "spawn")

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import ChronoConfig
 from .basin import BasinHistory
-from .config import ChronoConfig
+from .record import EditError
 
 EXPERT_STATES = ("cooling", "active", "archived")
 LIVE_STATES = ("cooling", "active")
@@ -31,10 +32,6 @@ ORIGINS = ("initial", "spawn", "split", "restore")
 ENDINGS = ("prune", "merge", "split")
 
 Parked = dict[str, dict[str, Tensor]]  # {"experts": {name: tensor}, "router": {name: tensor}}
-
-
-class EditError(ValueError):
-    """An edit or registry transition was refused; nothing was changed."""
 
 
 def expert_id(layer: int, slot: int, generation: int) -> str:

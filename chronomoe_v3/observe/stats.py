@@ -1,0 +1,161 @@
+"""Per-forward statistics of one MoE layer: pure functions of a trace, on the device, no host sync.
+
+- `compute_expert_stats`: the sufficient statistics every reading is built from (SPEC 1), in one pass.
+- `coherence_reference`: the vector each expert's mean output is compared with (loo or full).
+- `starvation_fraction`: the fraction of tokens that fit no expert well (misfit the experts cannot see).
+- `coactivation_increment`: the router's interchangeability of expert pairs (the slow objective's
+  redundancy and removal predictions read it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import ESTIMATORS
+from ..trace import MoETrace
+
+
+@dataclass
+class ExpertStats:
+    """Per-expert sufficient statistics of one forward (all fp32, on the trace's device).
+
+    counts `n [E]` tokens routed to each expert (after capacity drops, padding excluded);
+    sum_out `S [E,H]` = sum of unweighted outputs; sum_weighted `G [E,H]` = sum of gate-weighted outputs;
+    sum_mixture `M [H]` = sum of the layer's MoE output over tokens (= sum_e G_e);
+    num_tokens `N []` real tokens; nonfinite `[E]` bool, experts skipped for non-finite values.
+    """
+
+    counts: Tensor
+    sum_out: Tensor
+    sum_weighted: Tensor
+    sum_mixture: Tensor
+    num_tokens: Tensor
+    nonfinite: Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def measured(self) -> Tensor:
+        """[E] bool: experts that saw at least one token with finite output this step."""
+        return (self.counts > 0) & ~self.nonfinite
+
+
+REDUCTIONS = ("auto", "index_add", "matmul")
+
+
+@torch.no_grad()
+def compute_expert_stats(trace: MoETrace, reduction: str = "auto") -> ExpertStats:
+    """All per-expert statistics of a trace in one vectorised pass, accumulated in fp32.
+
+    The reduction (`reduction="auto"`) is a one-hot matmul on accelerators (PERF.md: the fastest there)
+    and `index_add_` on the CPU (where it is faster than a one-hot product); either can be forced.
+    Non-finite outputs or gate weights mark their expert as skipped (`nonfinite`). With `index_add_` they
+    never reach the sums of other experts; with the one-hot product a non-finite row spreads
+    (0 * inf = nan) to every expert of that layer and step, which
+    are then all skipped. Either way no NaN/Inf leaves this function.
+    """
+    t, k, h = trace.expert_out.shape
+    e = trace.num_experts
+    idx = trace.topk_index.reshape(t * k).to(torch.long)
+    w = trace.topk_weight.reshape(t * k)
+    y = trace.expert_out.reshape(t * k, h)
+    keep = trace.kept_slots().reshape(t * k)
+    device = y.device
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is invalid: expected one of {list(REDUCTIONS)}")
+    if reduction == "index_add" or (reduction == "auto" and device.type == "cpu"):
+        # Dropped / padded slots go to a scratch row E, so no multiply-by-mask pass is needed.
+        target = torch.where(keep, idx, torch.full_like(idx, e))
+        yf = y.float()
+        counts = torch.zeros(e + 1, device=device).index_add_(0, target, keep.float())[:e]
+        sums = torch.zeros(2, e + 1, h, device=device)
+        sums[0].index_add_(0, target, yf)
+        sums[1].index_add_(0, target, yf * w.float().unsqueeze(1))
+        sum_out, sum_weighted = sums[0, :e], sums[1, :e]
+    else:
+        # Rows [0, E): one-hot of the kept slots; rows [E, 2E): the same scaled by the gate weights.
+        target = torch.where(keep, idx, torch.full_like(idx, e))
+        both = torch.empty(2 * e, t * k, dtype=y.dtype, device=device)
+        both[:e].copy_(target.unsqueeze(0) == torch.arange(e, device=device).unsqueeze(1))
+        torch.mul(both[:e], w.to(y.dtype).unsqueeze(0), out=both[e:])
+        prod = _onehot_reduce(both, y)
+        sum_out, sum_weighted = prod[:e], prod[e:]
+        counts = both[:e].sum(1, dtype=torch.float32)
+    finite = torch.isfinite(sum_out).all(1) & torch.isfinite(sum_weighted).all(1)
+    zero = torch.zeros((), device=device)
+    sum_out = torch.where(finite.unsqueeze(1), sum_out, zero)
+    sum_weighted = torch.where(finite.unsqueeze(1), sum_weighted, zero)
+    counts = torch.where(finite, counts, zero)
+    real = trace.token_mask.float().sum() if trace.token_mask is not None else torch.full((), float(t), device=device)
+    return ExpertStats(
+        counts=counts,
+        sum_out=sum_out,
+        sum_weighted=sum_weighted,
+        sum_mixture=sum_weighted.sum(0),
+        num_tokens=real,
+        nonfinite=~finite,
+    )
+
+
+def _onehot_reduce(a: Tensor, y: Tensor) -> Tensor:
+    """`a [R, N] @ y [N, H]` with fp32 output, split along N into independent chunks.
+
+    The product has few output tiles and a very long reduction (R ~ 2E, N = T*K), which a single GEMM
+    spreads over few SMs; batching the reduction in chunks (split-K) and summing the partials in fp32 keeps
+    the GPU busy.
+    """
+    r, n = a.shape
+    chunks = next((c for c in (64, 32, 16, 8, 4, 2) if n % c == 0 and n // c >= 512), 1)
+    a3 = a.view(r, chunks, n // chunks).transpose(0, 1)
+    y3 = y.view(chunks, n // chunks, y.shape[1])
+    if a.dtype != torch.float32:
+        try:  # fp32 output straight from the low-precision product where the backend supports it
+            return torch.bmm(a3, y3, out_dtype=torch.float32).sum(0)
+        except (TypeError, RuntimeError):
+            pass
+    return torch.bmm(a3, y3).float().sum(0)
+
+
+def coherence_reference(stats: ExpertStats, estimator: str = "loo") -> Tensor:
+    """[E, H] the vector each expert's mean output is compared with: `(M - G_e) / N` (loo) or `M / N` (full).
+
+    The bimodality detector reads it too (its centroids' coherence, `BimodalityState.update(reference=...)`).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is invalid: expected one of {list(ESTIMATORS)}")
+    big_n = stats.num_tokens.clamp_min(1.0)
+    m = stats.sum_mixture.unsqueeze(0)
+    if estimator == "loo":
+        return (m - stats.sum_weighted) / big_n
+    return m.expand_as(stats.sum_weighted) / big_n
+
+
+# ---------------------------------------------------------------------- per-step signal
+def starvation_fraction(
+    router_logits_clean: Tensor,
+    active_mask: Tensor,
+    top_k: int,
+    token_mask: Tensor | None = None,
+    confidence: float = 0.2,
+) -> Tensor:
+    """Fraction of real tokens that fit no expert well (a device scalar; no host sync).
+
+    `p = softmax(z_clean)` over active slots, `mass` = the token's top-k probability mass,
+    `fit = (mass - k/n) / (1 - k/n)` with n active slots (uniform router -> 0, one-hot -> 1); a token is
+    starved when `fit < confidence`. A layer with n <= k (every token reaches every expert) reads 0.
+    """
+    z = router_logits_clean.float().masked_fill(~active_mask.to(router_logits_clean.device), float("-inf"))
+    p = torch.softmax(z, dim=-1)
+    n = active_mask.sum().to(p.dtype)
+    k = min(int(top_k), int(z.shape[-1]))
+    mass = p.topk(k, dim=-1).values.sum(-1)
+    base = (k / n.clamp_min(1.0)).clamp_max(1.0)
+    fit = (mass - base) / (1.0 - base).clamp_min(1e-12)
+    starved = (fit < confidence) & (n > k)
+    real = torch.ones_like(starved) if token_mask is None else token_mask.to(starved.device).bool()
+    return (starved & real).sum().to(p.dtype) / real.sum().clamp_min(1).to(p.dtype)
