@@ -25,7 +25,7 @@ import torch
 
 import chronomoe_v3
 from chronomoe_v3.adapters import banks_for
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.config import ChronoConfig, LifecycleConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.ops import EditRecord, OptimizerSurgery, merge, prune, restore, spawn, split
 from chronomoe_v3.ops.registry import ExpertRegistry
@@ -87,7 +87,7 @@ def main() -> None:
     layer = ChronoMoELayer(args.d_model, d_ff, args.experts, 8, router_bias=True, device=device, dtype=dtype)
     layer.active_mask[args.live:] = False
     banks = banks_for(layer)
-    config = ChronoConfig(max_experts_per_layer=args.experts, min_experts_per_layer=2)
+    config = ChronoConfig(lifecycle=LifecycleConfig(max_experts_per_layer=args.experts, min_experts_per_layer=2))
     registry = ExpertRegistry([layer.active_mask], config)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-4, weight_decay=0.1)
     for p in layer.parameters():  # materialise the optimiser state, one parameter at a time (peak memory)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from chronomoe_v3 import ChronoConfig, ChronoMoELayer, ChronoSystem
+from chronomoe_v3.config import LifecycleConfig
 
 SHAPES = {
     "cuda": dict(T=16384, H=2048, E=64, K=8, I=1024, layers=2),
@@ -78,12 +79,12 @@ def main() -> int:
 
     results = {}
     results["step_ms_without"] = median_ms(device, train_step, args.repeats)
-    system = ChronoSystem(model, config=ChronoConfig(max_experts_per_layer=shape["E"]))
+    system = ChronoSystem(model, config=ChronoConfig(lifecycle=LifecycleConfig(max_experts_per_layer=shape["E"])))
     system.attach_optimizer(opt)
     results["step_ms_with"] = median_ms(device, train_step, args.repeats)
     system.detach()
     results["step_ms_without_again"] = median_ms(device, train_step, args.repeats)
-    system = ChronoSystem(model, config=ChronoConfig(max_experts_per_layer=shape["E"]))
+    system = ChronoSystem(model, config=ChronoConfig(lifecycle=LifecycleConfig(max_experts_per_layer=shape["E"])))
     system.attach_optimizer(opt)
     train_step()
     results["system_step_ms"] = median_ms(device, system.step, max(3, args.repeats // 4))

@@ -1,27 +1,43 @@
 """chronomoe-v3: keep Mixture-of-Experts models healthy while they train.
 
 Telemetry (v2 contract) lives in `chronomoe_v3.telemetry`, governance (lens, controller) in
-`chronomoe_v3.governance`; everything else is importable from here.
+`chronomoe_v3.governance`, the balancers users already run in `chronomoe_v3.balance`, the run report in
+`chronomoe_v3.report`, toy models and corpora in `chronomoe_v3.toy`; everything else is importable from here.
 """
 
 from .adapters import (
+    ChronoLayerAdapter,
     ExpertBank,
     LayerBanks,
     ModuleListBank,
+    MoELayerAdapter,
     RouterBank,
     StackedBank,
+    adapter_for,
     banks_for,
-    register_bank_factory,
+    register_adapter,
 )
 from .bias import SlowBias, slow_bias_update
-from .clocks import ClockConfig, ThreeClockEMA
-from .config import ChronoConfig
+from .clocks import ClockConfig, DebiasedEMA, ThreeClockEMA
+from .config import (
+    BasinConfig,
+    BiasConfig,
+    BimodalityConfig,
+    BridgeConfig,
+    ChronoConfig,
+    CoherenceConfig,
+    DegradeConfig,
+    LifecycleConfig,
+    ObjectiveConfig,
+    SurgeryConfig,
+)
 from .layers import ChronoMoELayer
 from .lifecycle.decisions import DecisionLog, DecisionRecord, load_decisions
 from .lifecycle.objective import EditCandidate, FreeEnergy, free_energy, propose_edits
 from .lifecycle.select import select_edits
 from .observe.bimodality import BimodalityState
 from .observe.coherence import CoherenceState, attach_coherence, compute_coherence, layer_coherence
+from .observe.observer import LayerObserver
 from .observe.stats import ExpertStats, compute_expert_stats
 from .ops import (
     EditError,
@@ -43,16 +59,24 @@ from .version import __version__ as __version__
 from .view import LayerView
 
 __all__ = [
+    "BasinConfig",
     "BasinHistory",
+    "BiasConfig",
+    "BimodalityConfig",
     "BimodalityState",
+    "BridgeConfig",
     "BridgeReport",
     "ChronoConfig",
+    "ChronoLayerAdapter",
     "ChronoMoELayer",
     "ChronoSystem",
     "ClockConfig",
+    "CoherenceConfig",
     "CoherenceState",
+    "DebiasedEMA",
     "DecisionLog",
     "DecisionRecord",
+    "DegradeConfig",
     "EditCandidate",
     "EditError",
     "EditRecord",
@@ -62,16 +86,22 @@ __all__ = [
     "ExpertStats",
     "FreeEnergy",
     "LayerBanks",
+    "LayerObserver",
     "LayerView",
+    "LifecycleConfig",
     "ModuleListBank",
+    "MoELayerAdapter",
     "MoETrace",
+    "ObjectiveConfig",
     "OptimizerSurgery",
     "RouterBank",
     "Routing",
     "SlowBias",
     "StackedBank",
     "StepResult",
+    "SurgeryConfig",
     "ThreeClockEMA",
+    "adapter_for",
     "attach_coherence",
     "banks_for",
     "bridge_report",
@@ -83,7 +113,7 @@ __all__ = [
     "merge",
     "propose_edits",
     "prune",
-    "register_bank_factory",
+    "register_adapter",
     "restore",
     "route_topk",
     "route_with_bias",

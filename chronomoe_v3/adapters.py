@@ -6,19 +6,24 @@ transformers 5.x fused experts) or as whole parameters of one per-expert module 
 `nn.ModuleDict` experts). Both are described by `ParamSlots` rows, and one implementation (`ParamBank`)
 serves them all: `StackedBank`, `ModuleListBank` and `RouterBank` differ only in how they are built.
 
-`LayerBanks` bundles a layer's expert bank, its router bank and its active-mask tensor; `banks_for(module)`
-builds it from a table keyed by module class (`register_bank_factory`), so no code branches on model types.
+`LayerBanks` bundles a layer's expert bank, its router bank and its active-mask tensor. Everything else a
+system needs from a layer (observer hook, top-k, widths, slow-bias, balancer-bias and lens slots) is the
+`MoELayerAdapter` protocol; adapters are registered per module class in one table (`register_adapter`), and
+`adapter_for(module)` / `banks_for(module)` look them up, so no code branches on model types.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from .bias import SlowBias
+from .config import ChronoConfig
 from .layers import ChronoMoELayer
 
 
@@ -256,34 +261,135 @@ class LayerBanks:
         return self.experts.param_slots() + self.router.param_slots()
 
 
-BankFactory = Callable[[nn.Module], LayerBanks]
-_FACTORIES: dict[type, BankFactory] = {}
+# ---------------------------------------------------------------------- layer adapters
+class MoELayerAdapter(Protocol):
+    """What `ChronoSystem` needs from one MoE layer besides its weights. One adapter class per layer class,
+    registered with `register_adapter`; discovery (`adapter_for`) and the banks (`banks()`) go through it,
+    so no code branches on model types.
+
+    `active_mask`: bool `[E]`, the layer's own buffer (edited in place). `top_k`: experts per token.
+    `hidden_size`: width of the expert outputs; `router_input_size`: width of what the router reads.
+    `add_observer(fn)`: call `fn(trace)` once per training forward (`MoETrace`); returns a removable handle.
+    `slow_bias(config)`: the layer's `SlowBias`, attached on first call, or None if the layer cannot route
+    with one. `selection_bias()`: an aux-loss-free balancer's per-expert bias `[E]` (edited in place on an
+    edit), or None. `lens()` / `set_lens(lens)`: the module applied to the router input (mid clock), or None.
+    """
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    @property
+    def active_mask(self) -> Tensor: ...
+
+    @property
+    def top_k(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def router_input_size(self) -> int: ...
+
+    def banks(self) -> LayerBanks: ...
+
+    def add_observer(self, fn: Callable[[Any], Any]) -> RemovableHandle: ...
+
+    def slow_bias(self, config: ChronoConfig) -> SlowBias | None: ...
+
+    def selection_bias(self) -> Tensor | None: ...
+
+    def lens(self) -> nn.Module | None: ...
+
+    def set_lens(self, lens: nn.Module | None) -> None: ...
 
 
-def register_bank_factory(cls: type, fn: BankFactory) -> None:
-    """Teach `banks_for` a module class (subclasses inherit it unless registered themselves)."""
+AdapterFactory = Callable[[nn.Module], MoELayerAdapter]
+_ADAPTERS: dict[type, AdapterFactory] = {}
+
+
+def register_adapter(cls: type, factory: AdapterFactory) -> None:
+    """Teach chronomoe a MoE layer class: `factory(module)` returns its `MoELayerAdapter` (subclasses inherit
+    the registration unless registered themselves)."""
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise ValueError(f"cls={cls!r} is invalid: expected an nn.Module subclass")
-    _FACTORIES[cls] = fn
+    if not callable(factory):
+        raise ValueError(f"factory={factory!r} is invalid: expected a callable module -> MoELayerAdapter")
+    _ADAPTERS[cls] = factory
+
+
+def adapter_for(module: nn.Module) -> MoELayerAdapter | None:
+    """The adapter of `module` from the factory registered for its class (or nearest base), or None."""
+    for cls in type(module).__mro__:
+        factory = _ADAPTERS.get(cls)
+        if factory is not None:
+            return factory(module)
+    return None
+
+
+def registered_classes() -> list[str]:
+    return sorted(c.__name__ for c in _ADAPTERS)
 
 
 def banks_for(module: nn.Module) -> LayerBanks:
-    """The `LayerBanks` of an MoE layer, from the factory registered for its class (or nearest base)."""
-    for cls in type(module).__mro__:
-        fn = _FACTORIES.get(cls)
-        if fn is not None:
-            return fn(module)
-    known = sorted(c.__name__ for c in _FACTORIES)
-    raise ValueError(
-        f"no bank factory for {type(module).__name__}; expected one of {known} or a class registered "
-        "with register_bank_factory"
-    )
+    """The `LayerBanks` of an MoE layer, through its registered adapter."""
+    adapter = adapter_for(module)
+    if adapter is None:
+        raise ValueError(
+            f"no adapter for {type(module).__name__}; expected one of {registered_classes()} or a class registered "
+            "with register_adapter"
+        )
+    return adapter.banks()
 
 
-def _chrono_layer_banks(module: nn.Module) -> LayerBanks:
-    assert isinstance(module, ChronoMoELayer)
-    experts = StackedBank({"w_gate": (module.w_gate, 0), "w_up": (module.w_up, 0), "w_down": (module.w_down, 0)})
-    return LayerBanks(experts, RouterBank.from_linear(module.router), module.active_mask)
+class ChronoLayerAdapter:
+    """`MoELayerAdapter` of the library's own `ChronoMoELayer`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        if not isinstance(module, ChronoMoELayer):
+            raise ValueError(f"ChronoLayerAdapter got a {type(module).__name__}; expected a ChronoMoELayer")
+        self._layer = module
+
+    @property
+    def module(self) -> nn.Module:
+        return self._layer
+
+    @property
+    def active_mask(self) -> Tensor:
+        return self._layer.active_mask
+
+    @property
+    def top_k(self) -> int:
+        return self._layer.top_k
+
+    @property
+    def hidden_size(self) -> int:
+        return self._layer.d_model
+
+    @property
+    def router_input_size(self) -> int:
+        return self._layer.d_model
+
+    def banks(self) -> LayerBanks:
+        layer = self._layer
+        experts = StackedBank({"w_gate": (layer.w_gate, 0), "w_up": (layer.w_up, 0), "w_down": (layer.w_down, 0)})
+        return LayerBanks(experts, RouterBank.from_linear(layer.router), layer.active_mask)
+
+    def add_observer(self, fn: Callable[[Any], Any]) -> RemovableHandle:
+        return self._layer.add_observer(fn)
+
+    def slow_bias(self, config: ChronoConfig) -> SlowBias | None:
+        if self._layer.slow_bias is None:
+            self._layer.attach_slow_bias(config)
+        return self._layer.slow_bias
+
+    def selection_bias(self) -> Tensor | None:
+        return self._layer.expert_bias
+
+    def lens(self) -> nn.Module | None:
+        return self._layer.lens
+
+    def set_lens(self, lens: nn.Module | None) -> None:
+        self._layer.lens = lens
 
 
-register_bank_factory(ChronoMoELayer, _chrono_layer_banks)
+register_adapter(ChronoMoELayer, ChronoLayerAdapter)

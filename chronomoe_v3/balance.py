@@ -142,16 +142,16 @@ def aux_loss(model: nn.Module) -> Tensor:
 
 @torch.no_grad()
 def reset_expert_bias(
-    layer: nn.Module, fresh_slots: Sequence[int], parked_slots: Sequence[int], inherit_from: int | None = None
+    bias: Tensor,
+    active_mask: Tensor,
+    fresh_slots: Sequence[int],
+    parked_slots: Sequence[int],
+    inherit_from: int | None = None,
 ) -> None:
-    """After a structural edit: slots that start a new expert take the bias of slot `inherit_from` (a split
-    sibling, which shares the parent's routing) or else the mean bias of the layer's other live experts
-    (neither favoured nor held back); masked slots return to 0. No-op for a layer without a bias."""
-    bias = getattr(layer, "expert_bias", None)
-    mask = getattr(layer, "active_mask", None)
-    if not isinstance(bias, Tensor) or not isinstance(mask, Tensor):
-        return
-    active = mask.to(bias.device).clone()
+    """After a structural edit, in place on an aux-loss-free bias `[E]`: slots that start a new expert take
+    the bias of slot `inherit_from` (a split sibling, which shares the parent's routing) or else the mean
+    bias of the layer's other live experts (neither favoured nor held back); masked slots return to 0."""
+    active = active_mask.to(bias.device).clone()
     fresh = torch.zeros_like(active)
     fresh[list(fresh_slots)] = True
     others = active & ~fresh
@@ -162,9 +162,6 @@ def reset_expert_bias(
     bias.copy_(torch.where(fresh, start, bias))
     if parked_slots:
         bias[list(parked_slots)] = 0.0
-    counts = getattr(layer, "tokens_per_expert", None)
-    if isinstance(counts, Tensor) and (fresh_slots or parked_slots):
-        counts[list(fresh_slots) + list(parked_slots)] = 0.0
 
 
 class AuxLossFreeBalancer:
@@ -195,7 +192,8 @@ class AuxLossFreeBalancer:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Apply the sign rule to every layer's bias from the tokens counted since the last call."""
+        """Apply the sign rule to every layer's bias from the tokens counted since the last call (the counts of
+        slots an edit changed in between may be stale for one update; the sign rule tolerates it)."""
         for layer in self.layers:
             layer.expert_bias.copy_(
                 aux_free_bias_update(layer.expert_bias, layer.tokens_per_expert, layer.active_mask, rate=self.rate)

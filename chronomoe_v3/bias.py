@@ -136,8 +136,9 @@ class SlowBias(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"num_experts={self.num_experts}, eta={c.eta_beta}, tau={c.tau}, clip=[{c.beta_min}, {c.beta_max}], "
-            f"center={c.beta_center}, mode={c.bias_mode!r}, veto={c.bridge_veto}"
+            f"num_experts={self.num_experts}, eta={c.bias.eta}, tau={c.bias.tau}, "
+            f"clip=[{c.bias.beta_min}, {c.bias.beta_max}], "
+            f"center={c.bias.center}, mode={c.bias.mode!r}, veto={c.bridge.veto}"
         )
 
     @torch.no_grad()
@@ -145,8 +146,8 @@ class SlowBias(nn.Module):
         """Apply one step of the update rule in place (tensor ops only, no host sync); returns `beta`."""
         c = self.config
         new = slow_bias_update(
-            self.beta, phi_slow, active_mask, eta=c.eta_beta, tau=c.tau, beta_min=c.beta_min,
-            beta_max=c.beta_max, center=c.beta_center, check_values=False,
+            self.beta, phi_slow, active_mask, eta=c.bias.eta, tau=c.bias.tau, beta_min=c.bias.beta_min,
+            beta_max=c.bias.beta_max, center=c.bias.center, check_values=False,
         )
         self.beta.copy_(new)
         return self.beta
@@ -170,10 +171,10 @@ class SlowBias(nn.Module):
         c = self.config
         if not bool(torch.isfinite(beta).all()):
             raise ValueError("beta holds non-finite values; expected finite slow biases")
-        if beta.numel() and (float(beta.min()) < c.beta_min or float(beta.max()) > c.beta_max):
+        if beta.numel() and (float(beta.min()) < c.bias.beta_min or float(beta.max()) > c.bias.beta_max):
             raise ValueError(
                 f"beta holds values in [{float(beta.min())}, {float(beta.max())}]; expected values within "
-                f"[beta_min={c.beta_min}, beta_max={c.beta_max}]"
+                f"[beta_min={c.bias.beta_min}, beta_max={c.bias.beta_max}]"
             )
 
     def _load_from_state_dict(

@@ -1,24 +1,36 @@
-"""ClockConfig and ThreeClockEMA: one signal read at three timescales, debiased like Adam."""
+"""Clocks: one signal read at several timescales, debiased like Adam.
+
+`ema_update` / `ema_debiased` are the pure math; `DebiasedEMA` is the one stateful debiased EMA of the
+library (every value/decay pair is one of these); `ThreeClockEMA` is a `DebiasedEMA` at the fast, mid and
+slow retentions with per-entry observation counts; `ClockConfig` converts retention <-> half-life.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 
+@dataclass(frozen=True)
 class ClockConfig:
     """A clock's retention `alpha`, given directly or as a half-life in steps.
 
     `half_life = ln 2 / -ln alpha` exactly (no truncation), so `alpha = 2 ** (-1 / half_life)`.
-    Exactly one of `alpha` / `half_life` must be given; both are validated before any arithmetic.
+    Exactly one of `alpha` / `half_life` must be given; both are validated before any arithmetic. Two
+    clocks are equal when their names and retentions are (the half-life is derived).
     """
 
-    __slots__ = ("name", "alpha", "half_life")
+    name: str
+    alpha: float | None = None
+    half_life: float | None = field(default=None, compare=False)
 
-    def __init__(self, name: str, alpha: float | None = None, half_life: float | None = None) -> None:
+    def __post_init__(self) -> None:
+        name, alpha, half_life = self.name, self.alpha, self.half_life
         if (alpha is None) == (half_life is None):
             raise ValueError(
                 f"ClockConfig({name!r}): give exactly one of alpha or half_life (got alpha={alpha!r}, "
@@ -44,12 +56,24 @@ class ClockConfig:
                 raise ValueError(
                     f"ClockConfig({name!r}): half_life={half_life!r} gives alpha={alpha!r}, outside (0, 1)"
                 )
-        self.name = name
-        self.alpha = float(alpha)
-        self.half_life = float(half_life)
+        object.__setattr__(self, "alpha", float(alpha))
+        object.__setattr__(self, "half_life", float(half_life))
 
-    def __repr__(self) -> str:
-        return f"ClockConfig(name={self.name!r}, alpha={self.alpha!r}, half_life={self.half_life!r})"
+    @property
+    def retention(self) -> float:
+        """`alpha` as a plain float (always set after construction)."""
+        assert self.alpha is not None
+        return self.alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "alpha": self.alpha, "half_life": self.half_life}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClockConfig:
+        """From `to_dict()` (the retention is authoritative; the half-life is derived again)."""
+        if not isinstance(data, Mapping) or "name" not in data or "alpha" not in data:
+            raise ValueError(f"clock {data!r} is invalid: expected a mapping with 'name' and 'alpha'")
+        return cls(str(data["name"]), alpha=data["alpha"])
 
 
 def ema_update(
@@ -85,68 +109,69 @@ def ema_debiased(value: Tensor, decay: Tensor) -> Tensor:
                        torch.full_like(value, float("nan")))
 
 
-class ThreeClockEMA(nn.Module):
-    """Masked EMAs of a per-entry signal at three retentions (fast, mid, slow), vectorised over entries.
+def _check_retentions(alphas: Sequence[float]) -> tuple[float, ...]:
+    out = tuple(float(a) for a in alphas)
+    if not out or any(not 0.0 < a < 1.0 for a in out):
+        raise ValueError(f"alphas={out!r} is invalid: expected one or more retentions, each in (0, 1)")
+    return out
 
-    Only measured entries are updated; each entry keeps its observation count and the running product of
-    the retentions applied to it, so `read()` returns debiased values: a constant signal reads as itself
-    after one observation, on every clock. Entries never observed read NaN.
+
+class DebiasedEMA(nn.Module):
+    """Masked, debiased EMAs of a per-entry signal at C retentions, vectorised over E entries.
+
+    Buffers (saved): `value [C, E, *D]`, `decay [C, E]` (the product of the retentions applied to each
+    entry). The retentions `alphas [C]` are a constant of the construction (a non-persistent buffer, so a
+    checkpoint never overrides them). Only measured entries move; `read()` returns `value / (1 - decay)`:
+    a constant signal reads as itself after one observation, also when the retention varies from step to
+    step (`update(..., alphas=...)`). Entries never observed read NaN.
     """
 
     value: Tensor
     decay: Tensor
-    count: Tensor
     alphas: Tensor
 
     def __init__(
         self,
         num_entries: int,
-        alphas: Sequence[float] = (0.9, 0.99, 0.999),
+        alphas: Sequence[float],
         trailing_shape: Sequence[int] = (),
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_entries, bool) or not isinstance(num_entries, int) or num_entries < 1:
             raise ValueError(f"num_entries={num_entries!r} is invalid: expected an integer >= 1")
-        alphas = tuple(float(a) for a in alphas)
-        if len(alphas) != 3:
-            raise ValueError(f"alphas={alphas!r} is invalid: expected three retentions (fast, mid, slow)")
-        for a in alphas:
-            if not 0.0 < a < 1.0:
-                raise ValueError(f"alphas={alphas!r} is invalid: expected each retention in (0, 1)")
-        if not alphas[0] < alphas[1] < alphas[2]:
-            raise ValueError(f"alphas={alphas!r} is invalid: expected fast < mid < slow")
-        shape = (3, num_entries, *trailing_shape)
+        retentions = _check_retentions(alphas)
+        shape = (len(retentions), num_entries, *trailing_shape)
         self.register_buffer("value", torch.zeros(shape, dtype=torch.float32, device=device))
-        self.register_buffer("decay", torch.ones(3, num_entries, dtype=torch.float32, device=device))
-        self.register_buffer("count", torch.zeros(num_entries, dtype=torch.int64, device=device))
-        self.register_buffer("alphas", torch.tensor(alphas, dtype=torch.float32, device=device))
+        self.register_buffer("decay", torch.ones(len(retentions), num_entries, dtype=torch.float32, device=device))
+        self.register_buffer(
+            "alphas", torch.tensor(retentions, dtype=torch.float32, device=device), persistent=False
+        )
 
     @property
     def num_entries(self) -> int:
-        return int(self.count.shape[0])
+        return int(self.decay.shape[1])
+
+    def _check(self, x: Tensor, measured: Tensor) -> None:
+        if x.shape != self.value.shape[1:]:
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected {tuple(self.value.shape[1:])}")
+        if tuple(measured.shape) != (self.num_entries,) or measured.dtype != torch.bool:
+            raise ValueError(
+                f"measured has shape {tuple(measured.shape)} and dtype {measured.dtype}; expected "
+                f"({self.num_entries},) bool"
+            )
 
     @torch.no_grad()
     def update(self, x: Tensor, measured: Tensor, alphas: Tensor | None = None) -> None:
-        """Fold `x [E, *D]` into the entries where `measured [E]` is True.
-
-        `alphas [3]` (device tensor) overrides the retentions for this step, e.g. relevance-modulated ones.
-        """
-        if x.shape != self.value.shape[1:]:
-            raise ValueError(f"x has shape {tuple(x.shape)}; expected {tuple(self.value.shape[1:])}")
-        if measured.shape != self.count.shape or measured.dtype != torch.bool:
-            raise ValueError(
-                f"measured has shape {tuple(measured.shape)} and dtype {measured.dtype}; expected "
-                f"{tuple(self.count.shape)} bool"
-            )
-        a = self.alphas if alphas is None else alphas
-        value, decay = ema_update(self.value, self.decay, x, measured, a)
+        """Fold `x [E, *D]` into the entries where `measured [E]` is True. `alphas [C]` (device tensor)
+        overrides the retentions for this step, e.g. relevance-modulated ones."""
+        self._check(x, measured)
+        value, decay = ema_update(self.value, self.decay, x, measured, self.alphas if alphas is None else alphas)
         self.value.copy_(value)
         self.decay.copy_(decay)
-        self.count.add_(measured.to(self.count.dtype))
 
     def read(self) -> Tensor:
-        """Debiased readings `[3, E, *D]` (fast, mid, slow); NaN where never observed."""
+        """Debiased readings `[C, E, *D]`; NaN where never observed."""
         return ema_debiased(self.value, self.decay)
 
     @torch.no_grad()
@@ -155,11 +180,49 @@ class ThreeClockEMA(nn.Module):
         extra = (1,) * (self.value.dim() - 2)
         self.value.masked_fill_(entries.view(1, -1, *extra), 0.0)
         self.decay.masked_fill_(entries.unsqueeze(0), 1.0)
+
+    @torch.no_grad()
+    def copy_entry(self, src: int, dst: int) -> None:
+        """Give entry `dst` the history of entry `src`."""
+        self.value[:, dst] = self.value[:, src]
+        self.decay[:, dst] = self.decay[:, src]
+
+
+class ThreeClockEMA(DebiasedEMA):
+    """A `DebiasedEMA` at three retentions (fast < mid < slow) that also counts each entry's observations
+    (`count [E]` int64, saved)."""
+
+    count: Tensor
+
+    def __init__(
+        self,
+        num_entries: int,
+        alphas: Sequence[float] = (0.9, 0.99, 0.999),
+        trailing_shape: Sequence[int] = (),
+        device: torch.device | str | None = None,
+    ) -> None:
+        retentions = tuple(float(a) for a in alphas)
+        if len(retentions) != 3:
+            raise ValueError(f"alphas={retentions!r} is invalid: expected three retentions (fast, mid, slow)")
+        for a in retentions:
+            if not 0.0 < a < 1.0:
+                raise ValueError(f"alphas={retentions!r} is invalid: expected each retention in (0, 1)")
+        if not retentions[0] < retentions[1] < retentions[2]:
+            raise ValueError(f"alphas={retentions!r} is invalid: expected fast < mid < slow")
+        super().__init__(num_entries, retentions, trailing_shape, device)
+        self.register_buffer("count", torch.zeros(num_entries, dtype=torch.int64, device=device))
+
+    @torch.no_grad()
+    def update(self, x: Tensor, measured: Tensor, alphas: Tensor | None = None) -> None:
+        super().update(x, measured, alphas)
+        self.count.add_(measured.to(self.count.dtype))
+
+    @torch.no_grad()
+    def reset_entries(self, entries: Tensor) -> None:
+        super().reset_entries(entries)
         self.count.masked_fill_(entries, 0)
 
     @torch.no_grad()
     def copy_entry(self, src: int, dst: int) -> None:
-        """Give entry `dst` the history of entry `src` (split children inherit their parent's record)."""
-        self.value[:, dst] = self.value[:, src]
-        self.decay[:, dst] = self.decay[:, src]
+        super().copy_entry(src, dst)
         self.count[dst] = self.count[src]

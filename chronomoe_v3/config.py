@@ -1,10 +1,24 @@
-"""ChronoConfig: every knob of the design, validated at construction."""
+"""ChronoConfig: every knob of the design, one frozen sub-config per component, validated at construction.
+
+    ChronoConfig(
+        coherence=CoherenceConfig(slow=ClockConfig("slow", half_life=2000)),
+        lifecycle=LifecycleConfig(cooldown_steps=200),
+    )
+
+Vary a config with `dataclasses.replace` at either level (`replace(c, lifecycle=replace(c.lifecycle,
+...))`). Errors name the field (dotted, e.g. `lifecycle.cooldown_steps`) and the allowed range. Configs are
+plain values: `to_dict()` / `from_dict()` round-trip through JSON, and `diff(other)` lists the dotted fields
+that differ (what `ChronoSystem.load_state_dict` reports when a checkpoint was saved under another config).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+from .clocks import ClockConfig
 
 ESTIMATORS = ("loo", "full")
 SPAWN_STRATEGIES = ("clone_and_perturb", "random")
@@ -13,19 +27,23 @@ DEGRADE_REFERENCES = ("layer_median", "absolute")
 DEGRADE_BASELINES = ("mid", "slow")
 
 
-def _check_open_unit(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 < value < 1.0):
-        raise ValueError(f"{name}={value!r} is invalid: expected a retention in the open interval (0, 1)")
-
-
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is invalid: expected one of {list(allowed)}")
 
 
-def _check_finite(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value)):
-        raise ValueError(f"{name}={value!r} is invalid: expected a finite number")
+def _check_number(name: str, value: float, low: float | None = None, high: float | None = None,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name}={value!r} is invalid: expected a finite number in {interval}")
 
 
 def _check_int(name: str, value: int, low: int) -> None:
@@ -33,139 +51,313 @@ def _check_int(name: str, value: int, low: int) -> None:
         raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}")
 
 
-@dataclass(frozen=True)
-class ChronoConfig:
-    """All parameters of chronomoe-v3 (SPEC.md). Frozen; use `dataclasses.replace` to vary."""
+def _check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid: expected True or False")
 
-    # Fast clock: coherence estimator and the three EMA retentions (SPEC 2-3).
-    coherence_estimator: str = "loo"
-    alpha_fast: float = 0.9
-    alpha_mid: float = 0.99
-    alpha_slow: float = 0.999
-    alpha_role: float = 0.99
-    # Degradation flag: an expert is flagged when (phi_fast - phi_baseline), minus the layer's median of the
-    # same delta ("layer_median"; or not, "absolute"), falls below -max(delta_threshold, degrade_z * robust
-    # spread of the layer's deltas) (spread term only with "layer_median"; 0 disables it), and only after
-    # min_observations_to_flag observations. baseline "mid" (default) or "slow" (SPEC's phi_delta);
-    # projectdesign.md gives the measurements behind the defaults.
-    delta_threshold: float = 0.2
-    degrade_baseline: str = "mid"
-    degrade_reference: str = "layer_median"
-    degrade_z: float = 3.0
-    min_observations_to_flag: int = 250
-    # The slow objective judges (prunes, merges, splits) only experts measured at least this often.
-    min_observations_to_judge: int = 100
-    # Slow bias beta (SPEC 4).
-    eta_beta: float = 0.01
+
+def _check_clock(name: str, value: ClockConfig) -> None:
+    if not isinstance(value, ClockConfig):
+        raise ValueError(f"{name}={value!r} is invalid: expected a ClockConfig")
+
+
+@dataclass(frozen=True)
+class CoherenceConfig:
+    """The fast clock's signal (SPEC 2-3): the phi estimator and the retentions of the three clocks (fast
+    ~10, mid ~100, slow ~1000 observed forwards) and of the role vectors."""
+
+    estimator: str = "loo"
+    fast: ClockConfig = field(default_factory=lambda: ClockConfig("fast", alpha=0.9))
+    mid: ClockConfig = field(default_factory=lambda: ClockConfig("mid", alpha=0.99))
+    slow: ClockConfig = field(default_factory=lambda: ClockConfig("slow", alpha=0.999))
+    role: ClockConfig = field(default_factory=lambda: ClockConfig("role", alpha=0.99))
+
+    def __post_init__(self) -> None:
+        _check_choice("coherence.estimator", self.estimator, ESTIMATORS)
+        for name in ("fast", "mid", "slow", "role"):
+            _check_clock(f"coherence.{name}", getattr(self, name))
+        if not self.fast.retention < self.mid.retention < self.slow.retention:
+            raise ValueError(
+                "clock retentions must satisfy coherence.fast < coherence.mid < coherence.slow; got "
+                f"{self.fast.retention}, {self.mid.retention}, {self.slow.retention}"
+            )
+
+    @property
+    def alphas(self) -> tuple[float, float, float]:
+        """(fast, mid, slow) retentions."""
+        return (self.fast.retention, self.mid.retention, self.slow.retention)
+
+
+@dataclass(frozen=True)
+class DegradeConfig:
+    """The degrading flag (projectdesign.md has the measurements behind the defaults): an expert is flagged
+    when `phi_fast - phi_<baseline>`, minus the layer's median of the same delta (`reference`
+    "layer_median"; or not, "absolute"), falls below `-max(threshold, z * robust spread of the layer's
+    deltas)` (spread term only with "layer_median"; z = 0 disables it), after `min_observations`."""
+
+    threshold: float = 0.2
+    baseline: str = "mid"
+    reference: str = "layer_median"
+    z: float = 3.0
+    min_observations: int = 250
+
+    def __post_init__(self) -> None:
+        _check_number("degrade.threshold", self.threshold, 0.0)
+        _check_choice("degrade.baseline", self.baseline, DEGRADE_BASELINES)
+        _check_choice("degrade.reference", self.reference, DEGRADE_REFERENCES)
+        _check_number("degrade.z", self.z, 0.0)
+        _check_int("degrade.min_observations", self.min_observations, 1)
+
+
+@dataclass(frozen=True)
+class BiasConfig:
+    """The slow bias beta (SPEC 4): `beta <- clip(beta + eta (phi_slow - tau), beta_min, beta_max)`, centred
+    over the active experts (`center`), added to the router logits in `mode` ("logits" or "selection")."""
+
+    eta: float = 0.01
     tau: float = 0.5
     beta_min: float = -1.0
     beta_max: float = 1.0
-    beta_center: bool = True
-    bias_mode: str = "logits"
-    # Bridge detector (SPEC 5): relevance-modulated retention floors for the fast and mid clocks.
-    bridge_veto: bool = True
+    center: bool = True
+    mode: str = "logits"
+
+    def __post_init__(self) -> None:
+        _check_number("bias.eta", self.eta, 0.0)
+        _check_number("bias.tau", self.tau, -1.0, 1.0)
+        _check_number("bias.beta_min", self.beta_min)
+        _check_number("bias.beta_max", self.beta_max)
+        _check_bool("bias.center", self.center)
+        _check_choice("bias.mode", self.mode, BIAS_MODES)
+        if not self.beta_min < self.beta_max:
+            raise ValueError(
+                f"bias.beta_min={self.beta_min} and bias.beta_max={self.beta_max} are invalid: expected "
+                "beta_min < beta_max"
+            )
+        if not self.beta_min <= 0.0 <= self.beta_max:
+            raise ValueError(
+                f"bias.beta_min/beta_max [{self.beta_min}, {self.beta_max}] are invalid: expected them to contain "
+                "0 (new experts start at beta 0)"
+            )
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """Overlap safety (SPEC 5): the veto on gates that only beta supports, and the retention floors the
+    relevance pulls the fast and mid clocks towards (`alpha_eff = alpha r + floor (1 - r)`)."""
+
+    veto: bool = True
     alpha_floor_fast: float = 0.5
     alpha_floor_mid: float = 0.9
-    bridge_eps: float = 1e-6
-    # Slow objective (SPEC 7).
+
+    def __post_init__(self) -> None:
+        _check_bool("bridge.veto", self.veto)
+        _check_number("bridge.alpha_floor_fast", self.alpha_floor_fast, 0.0, 1.0, high_open=True)
+        _check_number("bridge.alpha_floor_mid", self.alpha_floor_mid, 0.0, 1.0, high_open=True)
+
+
+@dataclass(frozen=True)
+class BimodalityConfig:
+    """The "one expert, two roles" detector (SPEC 6; observe/bimodality.py): `samples_per_expert` token
+    outputs drawn per expert per forward, centroids moved at the `centroid` retention, a second centroid
+    seeded at a sample whose cosine to the first is below `seed_cosine`, a centroid re-seeded when its
+    count falls below `reseed_balance` times the other's."""
+
+    centroid: ClockConfig = field(default_factory=lambda: ClockConfig("centroid", alpha=0.95))
+    samples_per_expert: int = 8
+    seed_cosine: float = 0.9
+    reseed_balance: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_clock("bimodality.centroid", self.centroid)
+        _check_int("bimodality.samples_per_expert", self.samples_per_expert, 1)
+        _check_number("bimodality.seed_cosine", self.seed_cosine, -1.0, 1.0, high_open=True)
+        _check_number("bimodality.reseed_balance", self.reseed_balance, 0.0, 1.0, high_open=True)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The slow objective (SPEC 7; docs/objective.md): the weights of F, the bar an edit's predicted delta_F
+    must clear, and the evidence each kind of candidate needs."""
+
     lambda_complexity: float = 0.01
     rho_redundancy: float = 0.1
     kappa_instability: float = 0.1
     min_improvement: float = 0.01
+    min_observations_to_judge: int = 100
+    bimodality_threshold: float = 0.2
+    redundancy_sharpness: float = 4.0
+    starvation_confidence: float = 0.2
+    starvation_floor: float = 0.15
+    prune_coherence_floor: float = 0.0
+    prune_min_absorbable: float = 0.5
+    merge_min_redundancy: float = 0.5
+    fired_window: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_complexity", "rho_redundancy", "kappa_instability", "min_improvement"):
+            _check_number(f"objective.{name}", getattr(self, name), 0.0)
+        _check_int("objective.min_observations_to_judge", self.min_observations_to_judge, 1)
+        _check_number("objective.bimodality_threshold", self.bimodality_threshold, 0.0, 2.0, high_open=True)
+        _check_number("objective.redundancy_sharpness", self.redundancy_sharpness, 0.0, low_open=True)
+        _check_number("objective.starvation_confidence", self.starvation_confidence, 0.0, 1.0, True, True)
+        _check_number("objective.starvation_floor", self.starvation_floor, 0.0, 1.0, high_open=True)
+        _check_number("objective.prune_coherence_floor", self.prune_coherence_floor, -1.0, 1.0)
+        _check_number("objective.prune_min_absorbable", self.prune_min_absorbable, 0.0, 1.0)
+        _check_number("objective.merge_min_redundancy", self.merge_min_redundancy, 0.0, 1.0)
+        _check_int("objective.fired_window", self.fired_window, 1)
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """The slow clock's schedule and bounds (SPEC 7-8): a review every `eval_interval` `step()` calls, at most
+    `max_edits_per_cycle` edits per review, `cooldown_steps` between edits of a layer, `cooling_period` before
+    a newborn expert is judged, the live-expert bounds per layer, and how new experts are made."""
+
+    eval_interval: int = 10
     max_edits_per_cycle: int = 1
     cooldown_steps: int = 500
+    cooling_period: int = 200
     min_experts_per_layer: int = 2
     max_experts_per_layer: int = 16
     spawn_strategy: str = "clone_and_perturb"
-    split_perturbation_scale: float = 0.01
-    alpha_centroid: float = 0.95
-    cooling_period: int = 200
-    lifecycle_eval_interval: int = 10
-    basin_window_size: int = 50
-    # Parked weights of archived experts kept for restore (oldest dropped first), so memory stays bounded.
+    perturbation_scale: float = 0.01
+    split_router_margin: float = 2.0
     archive_capacity: int = 64
-    # Token basins (ChronoSystem.observe_tokens): ids >= this share one "other" count per expert.
-    basin_vocab_limit: int = 4096
 
     def __post_init__(self) -> None:
-        _check_choice("coherence_estimator", self.coherence_estimator, ESTIMATORS)
-        _check_choice("spawn_strategy", self.spawn_strategy, SPAWN_STRATEGIES)
-        _check_choice("bias_mode", self.bias_mode, BIAS_MODES)
-        _check_choice("degrade_reference", self.degrade_reference, DEGRADE_REFERENCES)
-        _check_choice("degrade_baseline", self.degrade_baseline, DEGRADE_BASELINES)
-        for name in ("alpha_fast", "alpha_mid", "alpha_slow", "alpha_role", "alpha_centroid"):
-            _check_open_unit(name, getattr(self, name))
-        if not self.alpha_fast < self.alpha_mid < self.alpha_slow:
-            raise ValueError(
-                f"clock retentions must satisfy alpha_fast < alpha_mid < alpha_slow; got "
-                f"alpha_fast={self.alpha_fast}, alpha_mid={self.alpha_mid}, alpha_slow={self.alpha_slow}"
-            )
-        for name in ("alpha_floor_fast", "alpha_floor_mid"):
-            value = getattr(self, name)
-            _check_finite(name, value)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name}={value!r} is invalid: expected a retention floor in [0, 1)")
-        if self.alpha_floor_fast > self.alpha_fast:
-            raise ValueError(
-                f"alpha_floor_fast={self.alpha_floor_fast} is invalid: expected <= alpha_fast={self.alpha_fast}"
-            )
-        if self.alpha_floor_mid > self.alpha_mid:
-            raise ValueError(
-                f"alpha_floor_mid={self.alpha_floor_mid} is invalid: expected <= alpha_mid={self.alpha_mid}"
-            )
-        for name in (
-            "delta_threshold", "degrade_z", "eta_beta", "tau", "beta_min", "beta_max", "lambda_complexity",
-            "rho_redundancy", "kappa_instability", "min_improvement", "split_perturbation_scale", "bridge_eps",
-        ):
-            _check_finite(name, getattr(self, name))
-        for name in (
-            "delta_threshold", "degrade_z", "eta_beta", "lambda_complexity", "rho_redundancy", "kappa_instability",
-            "min_improvement", "split_perturbation_scale",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected a value >= 0")
-        if not self.bridge_eps > 0:
-            raise ValueError(f"bridge_eps={self.bridge_eps!r} is invalid: expected a value > 0")
-        if not -1.0 <= self.tau <= 1.0:
-            raise ValueError(f"tau={self.tau!r} is invalid: expected a coherence level in [-1, 1]")
-        if not self.beta_min < self.beta_max:
-            raise ValueError(
-                f"beta_min={self.beta_min} and beta_max={self.beta_max} are invalid: expected beta_min < beta_max"
-            )
-        if not self.beta_min <= 0.0 <= self.beta_max:
-            raise ValueError(
-                f"beta bounds [{self.beta_min}, {self.beta_max}] are invalid: expected them to contain 0 "
-                "(new experts start at beta 0)"
-            )
-        _check_int("min_observations_to_flag", self.min_observations_to_flag, 1)
-        _check_int("min_observations_to_judge", self.min_observations_to_judge, 1)
-        _check_int("max_edits_per_cycle", self.max_edits_per_cycle, 0)
-        _check_int("cooldown_steps", self.cooldown_steps, 0)
-        _check_int("min_experts_per_layer", self.min_experts_per_layer, 1)
-        _check_int("max_experts_per_layer", self.max_experts_per_layer, 1)
-        _check_int("cooling_period", self.cooling_period, 0)
-        _check_int("lifecycle_eval_interval", self.lifecycle_eval_interval, 1)
-        _check_int("basin_window_size", self.basin_window_size, 1)
-        _check_int("archive_capacity", self.archive_capacity, 0)
-        _check_int("basin_vocab_limit", self.basin_vocab_limit, 1)
+        _check_int("lifecycle.eval_interval", self.eval_interval, 1)
+        _check_int("lifecycle.max_edits_per_cycle", self.max_edits_per_cycle, 0)
+        _check_int("lifecycle.cooldown_steps", self.cooldown_steps, 0)
+        _check_int("lifecycle.cooling_period", self.cooling_period, 0)
+        _check_int("lifecycle.min_experts_per_layer", self.min_experts_per_layer, 1)
+        _check_int("lifecycle.max_experts_per_layer", self.max_experts_per_layer, 1)
+        _check_choice("lifecycle.spawn_strategy", self.spawn_strategy, SPAWN_STRATEGIES)
+        _check_number("lifecycle.perturbation_scale", self.perturbation_scale, 0.0)
+        _check_number("lifecycle.split_router_margin", self.split_router_margin, 0.0)
+        _check_int("lifecycle.archive_capacity", self.archive_capacity, 0)
         if self.min_experts_per_layer > self.max_experts_per_layer:
             raise ValueError(
-                f"min_experts_per_layer={self.min_experts_per_layer} and max_experts_per_layer="
+                f"lifecycle.min_experts_per_layer={self.min_experts_per_layer} and lifecycle.max_experts_per_layer="
                 f"{self.max_experts_per_layer} are invalid: expected min <= max"
             )
 
-    @property
-    def clock_alphas(self) -> tuple[float, float, float]:
-        """(fast, mid, slow) retentions."""
-        return (self.alpha_fast, self.alpha_mid, self.alpha_slow)
+
+@dataclass(frozen=True)
+class SurgeryConfig:
+    """Optimiser surgery (ops/surgery.py): for how many optimiser steps after an edit the Adam moments of a
+    fresh slice are seeded from its first nonzero gradient."""
+
+    seed_steps: int = 100
+
+    def __post_init__(self) -> None:
+        _check_int("surgery.seed_steps", self.seed_steps, 1)
+
+
+@dataclass(frozen=True)
+class BasinConfig:
+    """Basins: `history` slow-clock readings kept per expert (share, phi, co-activated experts), and the token
+    basins of `ChronoSystem.observe_tokens` (ids >= `vocab_limit` share one count; counts decay by
+    `token_decay` at each `step()`)."""
+
+    history: int = 50
+    vocab_limit: int = 4096
+    token_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        _check_int("basins.history", self.history, 1)
+        _check_int("basins.vocab_limit", self.vocab_limit, 1)
+        _check_number("basins.token_decay", self.token_decay, 0.0, 1.0)
+
+
+_SECTIONS: dict[str, type] = {
+    "coherence": CoherenceConfig,
+    "degrade": DegradeConfig,
+    "bias": BiasConfig,
+    "bridge": BridgeConfig,
+    "bimodality": BimodalityConfig,
+    "objective": ObjectiveConfig,
+    "lifecycle": LifecycleConfig,
+    "surgery": SurgeryConfig,
+    "basins": BasinConfig,
+}
+
+
+@dataclass(frozen=True)
+class ChronoConfig:
+    """All parameters of chronomoe-v3 (SPEC.md), one sub-config per component. Frozen; vary with
+    `dataclasses.replace`."""
+
+    coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
+    bias: BiasConfig = field(default_factory=BiasConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    bimodality: BimodalityConfig = field(default_factory=BimodalityConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    basins: BasinConfig = field(default_factory=BasinConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if not isinstance(value, cls):
+                raise ValueError(f"{name}={value!r} is invalid: expected a {cls.__name__}")
+        floors = (("fast", self.bridge.alpha_floor_fast), ("mid", self.bridge.alpha_floor_mid))
+        for clock, floor in floors:
+            alpha = getattr(self.coherence, clock).retention
+            if floor > alpha:
+                raise ValueError(
+                    f"bridge.alpha_floor_{clock}={floor} is invalid: expected <= coherence.{clock}.alpha={alpha}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Nested plain dict (JSON-ready); clocks as `{name, alpha, half_life}`."""
+        return {name: _section_to_dict(getattr(self, name)) for name in _SECTIONS}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ChronoConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Mapping[str, Any]) -> ChronoConfig:
+        """Inverse of `to_dict()`; missing sections or fields take their defaults, unknown ones raise."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"config is {type(data).__name__}; expected a mapping of sections")
+        unknown = sorted(set(data) - set(_SECTIONS))
         if unknown:
-            raise ValueError(f"unknown ChronoConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
+            raise ValueError(f"unknown ChronoConfig sections {unknown}; expected a subset of {sorted(_SECTIONS)}")
+        return cls(**{name: _section_from_dict(name, _SECTIONS[name], data[name]) for name in data})
+
+    def diff(self, other: ChronoConfig) -> list[str]:
+        """Dotted names of the fields whose values differ between `self` and `other`, e.g.
+        `["coherence.slow.alpha", "lifecycle.cooldown_steps"]`."""
+        return _diff(self.to_dict(), other.to_dict(), "")
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        out[f.name] = value.to_dict() if isinstance(value, ClockConfig) else value
+    return out
+
+
+def _section_from_dict(name: str, cls: type, data: Any) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config section {name!r} is {type(data).__name__}; expected a mapping")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown fields {unknown} in config section {name!r}; expected a subset of {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        default = getattr(cls(), key)
+        kwargs[key] = ClockConfig.from_dict(value) if isinstance(default, ClockConfig) else value
+    return cls(**kwargs)
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b), key=str):
+            if key == "half_life":  # derived from alpha
+                continue
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix[:-1]]

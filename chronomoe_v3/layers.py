@@ -144,11 +144,11 @@ class ChronoMoELayer(nn.Module):
         return handle
 
     def attach_slow_bias(self, config: ChronoConfig | None = None) -> SlowBias:
-        """Give the layer a slow routing bias (beta 0 for every slot) and route with `config.bias_mode`.
+        """Give the layer a slow routing bias (beta 0 for every slot) and route with `config.bias.mode`.
         Returns it; advance it with `slow_bias.update(phi_slow, layer.active_mask)`."""
         bias = SlowBias(self.max_experts, config, device=self.active_mask.device)
         self.slow_bias = bias
-        self.bias_mode = bias.config.bias_mode
+        self.bias_mode = bias.config.bias.mode
         return bias
 
     def enable_expert_bias(self) -> Tensor:
@@ -199,7 +199,7 @@ class ChronoMoELayer(nn.Module):
         bias = beta if router_bias is None else beta + router_bias.to(beta.dtype)
         return route_with_bias(
             logits, self.top_k, self.active_mask, bias, mode=self.bias_mode, normalize=self.normalize_topk,
-            veto=self.slow_bias.config.bridge_veto, token_mask=token_mask, selection_bias=self.expert_bias,
+            veto=self.slow_bias.config.bridge.veto, token_mask=token_mask, selection_bias=self.expert_bias,
         )
 
     def _capacity_keep(self, topk_index: Tensor) -> Tensor:

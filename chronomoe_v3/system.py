@@ -1,32 +1,39 @@
-"""ChronoSystem: the one place that knows hooks, statistics, clocks, beta, bimodality, objective and edits.
+"""ChronoSystem: the three clocks wired onto a model's MoE layers, scheduled, and saved.
 
-Per observed training forward of each managed MoE layer (an observer on the layer; tensor ops only, no host
-synchronisation): sufficient statistics -> coherence clocks (relevance-modulated when a slow bias routes)
--> bimodality detector (sampled outputs; each role's predicted coherence as a split child against the same
-reference; each role's mean router input, the anchors of a split's router rows) -> device token
-counts (telemetry) -> co-activation accumulator -> starvation EMA (slow retention) -> last-fired step.
+The system finds the MoE layers through their registered adapters (`adapters.py`), gives each a
+`LayerObserver` (the fast clock: `observe/`), routes the layer with a slow bias where the layer supports one,
+and keeps the registry, the token counter (telemetry) and the decision log. It holds no math of its own.
+
+Per observed training forward of each layer (tensor ops only, no host synchronisation): the layer's observer
+folds the trace into its fast state (`LayerObserver.observe`), the token counter adds the layer's counts, and
+the token basins count the batch's ids when the training loop handed them over (`observe_tokens`).
 
 `step()` is the host side: one transfer of the token counts builds a `SystemSnapshot` (persistent alerts)
 for the mid clock (a controller: `update(snapshot, lenses) -> list`, duck-typed, or none); every
-`lifecycle_eval_interval` calls the slow clock runs (beta update, promotions of cooled experts, basin
-records, a review of every layer), and in between a review of emergency layers only (a degrading expert or
-a COLLAPSE_CONFIRMED alert) may execute additive edits early (`lifecycle.py`).
+`lifecycle.eval_interval` calls the slow clock runs (beta update, promotions of cooled experts, basin records,
+a review of every layer: `lifecycle/cycle.py`), and in between a review of emergency layers only (a
+degrading expert or a COLLAPSE_CONFIRMED alert) may execute additive edits early. With an `output_dir`, each
+call also writes the run directory (`runlog.py`, docs/run_report.md).
 
-Counting rules:
-- Eval forwards are not observed (the layers call observers only in training mode).
-- Gradient checkpointing: a forward re-run inside the backward pass (both reentrant and non-reentrant
-  checkpointing recompute there) is not observed; the original forward is (reentrant checkpointing runs it
-  under `no_grad`, which is still a training forward). Consequently a training-mode forward under
-  `torch.no_grad()` outside backward *is* observed: use `model.eval()` for evaluation.
+Counting rules (one guard, in the layer: `layers.in_backward_recompute`):
+- Eval forwards are not observed (layers call observers only in training mode).
+- Gradient checkpointing: a forward re-run inside the backward pass (reentrant or not) is not observed; the
+  original forward is (reentrant checkpointing runs it under `no_grad`, which is still a training forward).
+  Consequently a training-mode forward under `torch.no_grad()` outside backward *is* observed: use
+  `model.eval()` for evaluation.
 - The step of the system (registry births, cooldowns, the decision log) is the number of observed forwards
   of the most observed layer.
+
+Persistence: `state_dict()` is composed of the parts' own `state_dict`s (observers, registry, counter,
+optimiser surgery, controller) plus the schedule; the model's state holds what lives on the layers (weights,
+active masks, beta). Resume: build the model, the system (same config), the optimiser, `attach_optimizer`,
+then load the model's, the optimiser's and the system's states, in that order.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,30 +44,22 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import LayerBanks, banks_for
-from .balance import reset_expert_bias
+from .adapters import LayerBanks, MoELayerAdapter, adapter_for, registered_classes
 from .bias import SlowBias
-from .clocks import ema_debiased, ema_update
 from .config import ChronoConfig
 from .lifecycle.cycle import LayerParts, LifecycleAction, apply_edit, decision_record, expert_readings, review
 from .lifecycle.decisions import DecisionLog, DecisionRecord
-from .lifecycle.objective import LayerDecision, ObjectiveParams
-from .observe.bimodality import BimodalityState, sample_expert_outputs
-from .observe.coherence import CoherenceState
-from .observe.stats import coherence_reference, compute_expert_stats, starvation_fraction
-from .observe.tokens import TokenBasins
+from .lifecycle.objective import LayerDecision
+from .observe.observer import LayerObserver
 from .ops import ExpertRegistry, OptimizerSurgery
-from .ops.surgery import _Pending
 from .runlog import BASIN_TOP_TOKENS, DECISIONS_FILE, RunLog, finite_or_none, layer_metrics, reading_record
 from .telemetry import COLLAPSE_CONFIRMED, AlertHistory, RoutingEvent, SystemSnapshot, TokenCounter
 from .trace import MoETrace
 from .version import __version__
 from .view import LayerView
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 LIFECYCLE_DECISIONS_FILE = DECISIONS_FILE
-# Token-basin counts are multiplied by this at every step() call, so recent routing dominates the basins.
-BASIN_DECAY = 0.9
 
 
 @dataclass
@@ -77,50 +76,14 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class _LayerState(nn.Module):
-    """Per-layer state the system owns besides the layer's own slow bias (fp32 device buffers)."""
-
-    coactivation: Tensor
-    coactivation_tokens: Tensor
-    last_fired: Tensor
-    starvation_value: Tensor
-    starvation_decay: Tensor
-    alpha_slow: Tensor
-
-    def __init__(self, num_experts: int, hidden_size: int, config: ChronoConfig, device: torch.device) -> None:
-        super().__init__()
-        self.coherence = CoherenceState(num_experts, hidden_size, config, device=device)
-        self.bimodality = BimodalityState(num_experts, hidden_size, config, device=device)
-        e = num_experts
-        self.register_buffer("coactivation", torch.zeros(e, e, device=device))
-        self.register_buffer("coactivation_tokens", torch.zeros((), device=device))
-        self.register_buffer("last_fired", torch.zeros(e, dtype=torch.int64, device=device))
-        self.register_buffer("starvation_value", torch.zeros(1, 1, device=device))
-        self.register_buffer("starvation_decay", torch.ones(1, 1, device=device))
-        self.register_buffer("alpha_slow", torch.tensor([config.alpha_slow], device=device), persistent=False)
-
-    @property
-    def starvation(self) -> Tensor:
-        """Debiased slow EMA of the starvation fraction (NaN before the first observation)."""
-        return ema_debiased(self.starvation_value, self.starvation_decay).view(())
-
-
-def _find_moe_layers(model: nn.Module) -> list[tuple[str, nn.Module, LayerBanks]]:
+def find_moe_layers(model: nn.Module) -> list[tuple[str, MoELayerAdapter]]:
+    """`(name, adapter)` of every submodule of `model` whose class has a registered adapter, in module order."""
     found = []
     for name, module in model.named_modules():
-        if not (hasattr(module, "add_observer") and isinstance(getattr(module, "active_mask", None), Tensor)):
-            continue
-        try:
-            banks = banks_for(module)
-        except ValueError:
-            continue
-        found.append((name, module, banks))
+        adapter = adapter_for(module)
+        if adapter is not None:
+            found.append((name, adapter))
     return found
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where checkpointing recomputes forwards)."""
-    return bool(torch._C._current_graph_task_id() != -1)
 
 
 class ChronoSystem:
@@ -128,8 +91,9 @@ class ChronoSystem:
 
     `controller`: the mid clock, any object with `update(snapshot, lenses) -> list` (e.g.
     `governance.Controller`), or None. `run_id` names the run in logs (default: a random id, saved in the
-    state). `output_dir`: where the lifecycle decision log `<output_dir>/<run_id>/lifecycle_decisions.jsonl`
-    is appended (no file without it; records are always kept in `decision_log.records`).
+    state). `output_dir`: where the run directory `<output_dir>/<run_id>/` is written (decision log,
+    readings, lineage, telemetry; docs/run_report.md); without it records are kept in memory only
+    (`decision_log.records`). `seed` seeds the generator of the detector's sampling and of edit perturbations.
     `compile_observers` runs the per-forward observer through `torch.compile` (default: on CUDA only, where
     the eager observer is bound by kernel-launch overhead; see benchmarks/results/system_cuda.md).
     """
@@ -142,7 +106,6 @@ class ChronoSystem:
         run_id: str | None = None,
         output_dir: str | Path | None = None,
         *,
-        objective_params: ObjectiveParams | None = None,
         seed: int = 0,
         compile_observers: bool | None = None,
     ) -> None:
@@ -154,42 +117,38 @@ class ChronoSystem:
                 f"controller {type(controller).__name__} has no update(snapshot, lenses) method; expected a "
                 "Controller-like object or None"
             )
-        found = _find_moe_layers(model)
+        found = find_moe_layers(model)
         if not found:
             raise ValueError(
-                f"{type(model).__name__} has no MoE layer: expected at least one ChronoMoELayer (or a module "
-                "with add_observer/active_mask whose class is registered with register_bank_factory)"
+                f"{type(model).__name__} has no MoE layer: expected at least one module of a class with a registered "
+                f"adapter ({registered_classes()}; see chronomoe_v3.adapters.register_adapter)"
             )
         self.model = model
         self.controller = controller
-        self.params = objective_params if objective_params is not None else ObjectiveParams()
         self.run_id = run_id if run_id is not None else f"run-{uuid.uuid4().hex[:12]}"
         self.output_dir = None if output_dir is None else Path(output_dir)
-        self.layer_names = [name for name, _, _ in found]
-        self.layers: list[nn.Module] = [m for _, m, _ in found]
-        self.banks: list[LayerBanks] = [b for _, _, b in found]
-        self.top_k = [int(getattr(m, "top_k", 1)) for m in self.layers]
-        device = self.banks[0].active_mask.device
-        self.device = device
-        self.states: list[_LayerState] = []
-        self.biases: list[SlowBias | None] = []
-        for layer, banks in zip(self.layers, self.banks, strict=True):
-            e = banks.num_slots
-            hidden = int(getattr(layer, "d_model", banks.router.param_slots()[0].param.shape[-1]))
-            self.states.append(_LayerState(e, hidden, self.config, banks.active_mask.device))
-            bias = getattr(layer, "slow_bias", None)
-            attach = getattr(layer, "attach_slow_bias", None)
-            if bias is None and callable(attach):
-                bias = attach(self.config)
-            self.biases.append(bias if isinstance(bias, SlowBias) else None)
+        self.layer_names = [name for name, _ in found]
+        self.adapters: list[MoELayerAdapter] = [a for _, a in found]
+        self.layers: list[nn.Module] = [a.module for a in self.adapters]
+        self.banks: list[LayerBanks] = [a.banks() for a in self.adapters]
+        self.top_k = [a.top_k for a in self.adapters]
+        self.device = self.banks[0].active_mask.device
+        self.observers = [
+            LayerObserver(
+                b.num_slots, a.hidden_size, a.top_k, self.config, router_size=a.router_input_size,
+                device=b.active_mask.device,
+            )
+            for a, b in zip(self.adapters, self.banks, strict=True)
+        ]
+        self.biases: list[SlowBias | None] = [a.slow_bias(self.config) for a in self.adapters]
         self.registry = ExpertRegistry([b.active_mask.detach().cpu() for b in self.banks], self.config)
         self.num_slots = max(b.num_slots for b in self.banks)
-        self.counter = TokenCounter(len(self.layers), self.num_slots, device=device)
+        self.counter = TokenCounter(len(self.layers), self.num_slots, device=self.device)
         self.alert_history = AlertHistory()
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
         # On CUDA the observers' many small kernels are launch-bound in eager mode: torch.compile fuses them.
-        self.compile_observers = device.type == "cuda" if compile_observers is None else bool(compile_observers)
+        self.compile_observers = self.device.type == "cuda" if compile_observers is None else bool(compile_observers)
         self._observe_compiled = torch.compile(self._observe) if self.compile_observers else self._observe
         if self.compile_observers:
             # One code object serves every layer and is specialised per layer index: make room for all of them
@@ -205,15 +164,14 @@ class ChronoSystem:
         self.runlog: RunLog | None = None
         if self.output_dir is not None:
             self.runlog = RunLog(self.output_dir, self.run_id, self._manifest_metadata())
-        self.token_basins: TokenBasins | None = None
         self.vocabulary: list[str] | None = None
         self._token_ids: Tensor | None = None
         self._token_generation = 0
         self._token_used = [0] * len(self.layers)
         self.surgery: OptimizerSurgery | None = None
-        self._pending_surgery: list[tuple[int, int, int, int]] | None = None
+        self._surgery_state: Mapping[str, Any] | None = None  # loaded before an optimiser was attached
         self._handles: list[RemovableHandle] = [
-            layer.add_observer(self._make_observer(i)) for i, layer in enumerate(self.layers)  # type: ignore[operator]
+            a.add_observer(self._make_observer(i)) for i, a in enumerate(self.adapters)
         ]
 
     def _log_path(self) -> Path | None:
@@ -222,25 +180,42 @@ class ChronoSystem:
     def _manifest_metadata(self) -> dict[str, Any]:
         layers = [
             {"layer_id": i, "name": name, "num_slots": banks.num_slots, "top_k": self.top_k[i],
-             "hidden_size": st.coherence.hidden_size}
-            for i, (name, banks, st) in enumerate(zip(self.layer_names, self.banks, self.states, strict=True))
+             "hidden_size": obs.coherence.hidden_size}
+            for i, (name, banks, obs) in enumerate(zip(self.layer_names, self.banks, self.observers, strict=True))
         ]
         return {"library": "chronomoe-v3", "version": __version__, "model": type(self.model).__name__,
                 "config": self.config.to_dict(), "layers": layers}
+
+    # ------------------------------------------------------------------ fast clock (per forward, no host sync)
+    def _make_observer(self, i: int) -> Any:
+        observe = self._observe_compiled
+
+        def _observe(trace: MoETrace) -> None:
+            observe(i, trace)
+            self._count_tokens(i, trace)
+            self.layer_steps[i] += 1  # Python bookkeeping stays outside the (possibly compiled) observer
+
+        return _observe
+
+    @torch.no_grad()
+    def _observe(self, i: int, trace: MoETrace) -> None:
+        stats = self.observers[i].observe(trace, self.banks[i].active_mask, self.generator)
+        counts = stats.counts
+        if counts.shape[0] < self.num_slots:
+            counts = torch.cat([counts, counts.new_zeros(self.num_slots - counts.shape[0])])
+        self.counter.add(i, counts)
 
     # ------------------------------------------------------------------ token basins (optional)
     def observe_tokens(self, token_ids: Tensor) -> None:
         """Hand the system the token ids of the batch about to be forwarded (`[B, S]` or `[T]`, in the order
         the MoE layers see their tokens); each layer's next observed forward with as many tokens counts, per
-        expert, the ids routed to it (`token_basins`, bounded at `ChronoConfig.basin_vocab_limit` ids). The
-        run report shows each expert's most attracted tokens. Optional; no host sync."""
+        expert, the ids routed to it (`LayerObserver.tokens`, bounded at `config.basins.vocab_limit` ids).
+        The run report shows each expert's most attracted tokens. Optional; no host sync."""
         if not isinstance(token_ids, Tensor) or token_ids.is_floating_point() or token_ids.is_complex():
             raise ValueError(f"token_ids is {type(token_ids).__name__} "
                              f"{getattr(token_ids, 'dtype', '')}; expected an integer tensor")
-        if self.token_basins is None:
-            self.token_basins = TokenBasins(
-                len(self.layers), self.num_slots, self.config.basin_vocab_limit, device=self.device
-            )
+        for obs in self.observers:
+            obs.enable_tokens()
         self._token_ids = token_ids.detach().reshape(-1)
         self._token_generation += 1
 
@@ -253,86 +228,10 @@ class ChronoSystem:
 
     def _count_tokens(self, i: int, trace: MoETrace) -> None:
         ids = self._token_ids
-        if ids is None or self.token_basins is None or self._token_used[i] == self._token_generation:
-            return
-        if ids.shape[0] != trace.num_tokens:
-            return  # this forward is not the batch the ids describe
+        if ids is None or self._token_used[i] == self._token_generation or ids.shape[0] != trace.num_tokens:
+            return  # no ids, already counted, or this forward is not the batch the ids describe
         self._token_used[i] = self._token_generation
-        self.token_basins.add(i, ids.to(trace.topk_index.device), trace.topk_index, trace.kept_slots())
-
-    # ------------------------------------------------------------------ fast clock (per forward, no host sync)
-    def _make_observer(self, i: int) -> Any:
-        observe = self._observe_compiled if self.compile_observers else self._observe
-
-        def _observe(trace: MoETrace) -> None:
-            if _in_backward():
-                return
-            observe(i, trace)
-            self._count_tokens(i, trace)
-            self.layer_steps[i] += 1  # Python bookkeeping stays outside the (possibly compiled) observer
-
-        return _observe
-
-    @torch.no_grad()
-    def _observe(self, i: int, trace: MoETrace) -> None:
-        st, mask = self.states[i], self.banks[i].active_mask
-        stats = compute_expert_stats(trace)
-        relevance = trace.bridge.relevance if trace.bridge is not None else None
-        st.coherence.observe(stats, mask, relevance)
-        samples, valid, inputs, gate = sample_expert_outputs(trace, generator=self.generator, details=True)
-        reference = coherence_reference(stats, self.config.coherence_estimator)
-        usable = trace.router_input is not None and inputs.shape[-1] == st.bimodality.router_size
-        load = stats.counts / stats.num_tokens.clamp_min(1.0)
-        st.bimodality.update(
-            samples, valid, mask, reference=reference, router_input=inputs if usable else None, gate=gate, load=load
-        )
-        counts = stats.counts
-        if counts.shape[0] < self.num_slots:
-            counts = torch.cat([counts, counts.new_zeros(self.num_slots - counts.shape[0])])
-        self.counter.add(i, counts)
-        self._accumulate_coactivation(st, trace, mask)
-        if trace.router_logits_clean is not None:
-            starved = starvation_fraction(
-                trace.router_logits_clean, mask, self.top_k[i], trace.token_mask, self.params.starvation_confidence
-            )
-            value, decay = ema_update(
-                st.starvation_value, st.starvation_decay, starved.view(1), torch.ones(1, dtype=torch.bool,
-                                                                                      device=starved.device),
-                st.alpha_slow,
-            )
-            st.starvation_value.copy_(value)
-            st.starvation_decay.copy_(decay)
-        # coherence.step was advanced by observe: the step index of this forward is step - 1
-        st.last_fired.copy_(torch.where(stats.counts > 0, st.coherence.step - 1, st.last_fired))
-
-    @staticmethod
-    def _accumulate_coactivation(st: _LayerState, trace: MoETrace, mask: Tensor) -> None:
-        """Co-routing from the clean router (any top-k): for each real token and each expert e among its clean
-        top-2, row e adds the router's interchangeability of every active f, `min(1, p_f / p_e)`
-        (`C_ee += 1`). `C_ef / C_ee` is then how nearly the router would give e's tokens to f: ~1 for a
-        duplicate, ~0 for a distinct expert behind a confident router, however often it is the runner-up
-        (a co-selection count cannot tell these apart). Without clean logits: co-selection of the top-k."""
-        e = trace.num_experts
-        t = trace.topk_index.shape[0]
-        if trace.router_logits_clean is None:
-            index, keep = trace.topk_index.to(torch.long), trace.kept_slots()
-            target = torch.where(keep, index, torch.full_like(index, e))
-            onehot = torch.zeros(t, e + 1, device=index.device).scatter_(1, target, 1.0)[:, :e]
-            st.coactivation.add_(onehot.T @ onehot)
-        else:
-            logp = torch.log_softmax(trace.router_logits_clean.float().masked_fill(~mask, float("-inf")), dim=-1)
-            index = logp.topk(min(2, e), dim=-1).indices  # [T, 2]
-            keep = mask[index]
-            if trace.token_mask is not None:
-                keep = keep & trace.token_mask.unsqueeze(1)
-            own = logp.gather(1, index)  # [T, 2]
-            ratio = torch.exp((logp.unsqueeze(1) - own.unsqueeze(-1)).clamp_max(0.0)).nan_to_num(0.0)  # [T, 2, E]
-            ratio = ratio * keep.unsqueeze(-1)
-            st.coactivation.index_add_(0, index.reshape(-1), ratio.reshape(-1, e))
-        if trace.token_mask is not None:
-            st.coactivation_tokens.add_(trace.token_mask.float().sum().to(st.coactivation_tokens.device))
-        else:
-            st.coactivation_tokens.add_(float(t))
+        self.observers[i].count_tokens(ids, trace)
 
     # ------------------------------------------------------------------ host side
     @property
@@ -342,13 +241,13 @@ class ChronoSystem:
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> OptimizerSurgery:
         """Keep `optimizer`'s state in step with edits (fresh moments for new slots, masked slots held at 0).
-        Masked slots are zeroed now (see `ops.optimizer`)."""
+        Masked slots are zeroed now (see `ops.surgery`)."""
         if self.surgery is not None:
             self.surgery.remove()
-        self.surgery = OptimizerSurgery(optimizer, self.banks)
-        if self._pending_surgery is not None:
-            self._restore_pending(self._pending_surgery)
-            self._pending_surgery = None
+        self.surgery = OptimizerSurgery(optimizer, self.banks, seed_steps=self.config.surgery.seed_steps)
+        if self._surgery_state is not None:
+            self.surgery.load_state_dict(self._surgery_state)
+            self._surgery_state = None
         return self.surgery
 
     def detach(self) -> None:
@@ -374,42 +273,23 @@ class ChronoSystem:
 
     def readings(self) -> dict[int, dict[str, Tensor]]:
         out: dict[int, dict[str, Tensor]] = {}
-        for i, st in enumerate(self.states):
-            clocks = st.coherence.phi_clocks.detach().cpu()
+        for i, obs in enumerate(self.observers):
+            clocks = obs.coherence.phi_clocks.detach().cpu()
             bias = self.biases[i]
             out[i] = {
                 "phi_fast": clocks[0], "phi_mid": clocks[1], "phi_slow": clocks[2],
-                "share_slow": st.coherence.share_clocks[2].detach().cpu(),
+                "share_slow": obs.coherence.share_clocks[2].detach().cpu(),
                 "beta": bias.beta.detach().cpu().clone() if bias is not None else torch.zeros(clocks.shape[1]),
-                "bimodality": st.bimodality.bimodality.detach().cpu(),
+                "bimodality": obs.bimodality.bimodality.detach().cpu(),
                 "active": self.banks[i].active_mask.detach().cpu().clone(),
             }
         return out
 
     def layer_view(self, i: int) -> LayerView:
         """What the slow objective reads for layer i (on the host)."""
-        st = self.states[i]
         e = self.banks[i].num_slots
         cooling = torch.tensor([self.registry.slot_state(i, s) == "cooling" for s in range(e)], dtype=torch.bool)
-        tokens = float(st.coactivation_tokens)
-        coact = (st.coactivation / max(tokens, 1.0)).detach().cpu()
-        starvation = float(st.starvation)
-        fired = (st.coherence.step - st.last_fired) <= self.config.basin_window_size
-        return LayerView(
-            layer_id=i,
-            active=self.banks[i].active_mask.detach().cpu().clone(),
-            cooling=cooling,
-            phi_slow=st.coherence.phi_slow.detach().cpu(),
-            share_slow=st.coherence.share_clocks[2].detach().cpu(),
-            fired=fired.detach().cpu(),
-            role=st.coherence.role_vectors.detach().cpu(),
-            bimodality=st.bimodality.bimodality.detach().cpu(),
-            coactivation=coact,
-            starvation=0.0 if math.isnan(starvation) else min(max(starvation, 0.0), 1.0),
-            observations=st.coherence.observations.detach().cpu(),
-            centroid_phi=st.bimodality.centroid_phi.detach().cpu(),
-            centroid_weights=st.bimodality.centroid_weights.detach().cpu(),
-        ).to_host()
+        return self.observers[i].view(i, self.banks[i].active_mask, cooling)
 
     def emergency_flags(self, snapshot: SystemSnapshot | None) -> dict[int, str]:
         """Layers with an emergency and why: degrading experts (`CoherenceState.degrading`) or COLLAPSE_CONFIRMED."""
@@ -417,9 +297,9 @@ class ChronoSystem:
         if snapshot is not None:
             alerts = {int(a.layer_id) for a in snapshot.alerts if a.kind == COLLAPSE_CONFIRMED}
         out: dict[int, str] = {}
-        for i, st in enumerate(self.states):
+        for i, obs in enumerate(self.observers):
             why = []
-            degrading = st.coherence.degrading(self.banks[i].active_mask).detach().cpu()
+            degrading = obs.coherence.degrading(self.banks[i].active_mask).detach().cpu()
             if bool(degrading.any()):
                 why.append(f"degrading experts {degrading.nonzero().flatten().tolist()}")
             if i in alerts:
@@ -446,13 +326,13 @@ class ChronoSystem:
         window_masks = [b.active_mask.detach().cpu().clone() for b in self.banks]
         control = list(self.controller.update(snapshot, lenses)) if self.controller is not None else []
         self.step_calls += 1
-        review_due = self.step_calls % self.config.lifecycle_eval_interval == 0
+        review_due = self.step_calls % self.config.lifecycle.eval_interval == 0
         step = self.global_step
         if review_due:
-            for i, st in enumerate(self.states):
+            for i, obs in enumerate(self.observers):
                 bias = self.biases[i]
                 if bias is not None:
-                    bias.update(st.coherence.phi_slow, self.banks[i].active_mask)
+                    bias.update(obs.coherence.phi_slow, self.banks[i].active_mask)
             self.registry.advance(step)
         emergency = self.emergency_flags(snapshot)
         actions: list[LifecycleAction] = []
@@ -460,23 +340,23 @@ class ChronoSystem:
         if review_due or emergency:
             actions, decisions = self._review(step, review_due, emergency)
         if review_due:
-            for i, st in enumerate(self.states):
-                share = torch.nan_to_num(st.coherence.share_clocks[2], nan=0.0).clamp_min(0.0)
-                self.registry.record_basin(i, share, st.coherence.phi_slow)
-                st.coactivation.zero_()
-                st.coactivation_tokens.zero_()
+            for i, obs in enumerate(self.observers):
+                share = torch.nan_to_num(obs.coherence.share_clocks[2], nan=0.0).clamp_min(0.0)
+                self.registry.record_basin(i, share, obs.coherence.phi_slow)
+                obs.start_window()
         readings = self.readings()
         layers = [self._layer_record(i, readings[i], snapshot, window_masks[i]) for i in range(len(self.layers))]
         metrics: dict[str, float] = {"chronomoe/step": float(step), "chronomoe/edits": float(len(actions))}
         for layer in layers:
             metrics.update(layer_metrics(layer))
-        if self.token_basins is not None:
-            self.token_basins.decay(BASIN_DECAY)
+        for obs in self.observers:
+            if obs.tokens is not None:
+                obs.tokens.decay(self.config.basins.token_decay)
         if self.runlog is not None:
             record = reading_record(step, self.step_calls, None if loss is None else float(loss), layers, metrics)
             self.runlog.write_step(record, snapshot, events, control)
             self.runlog.write_lineage(step, (r.to_dict() for r in self.registry.experts()))
-            if self.token_basins is not None:
+            if any(obs.tokens is not None for obs in self.observers):
                 self.runlog.write_basins(step, self.vocabulary, self._basins())
         return StepResult(control, actions, readings, snapshot, decisions, metrics)
 
@@ -489,16 +369,15 @@ class ChronoSystem:
         neff = top2 = dead = None
         alerts: list[str] = []
         layer = snapshot.layer(i) if snapshot is not None else None
-        if layer is not None:
+        if snapshot is not None and layer is not None:
             slots = window_mask.nonzero().flatten().tolist()
             if len(slots) == len(layer.utilization_shares):
                 for slot, s in zip(slots, layer.utilization_shares, strict=True):
                     share[slot] = float(s)
             neff, top2, dead = float(layer.n_effective), float(layer.top2_share), int(layer.dead_expert_count)
-            alerts = [a.kind for a in snapshot.alerts_for(i)] if snapshot is not None else []
-        st = self.states[i]
-        mask = self.banks[i].active_mask
-        lens = getattr(self.layers[i], "lens", None)
+            alerts = [a.kind for a in snapshot.alerts_for(i)]
+        coh = self.observers[i].coherence
+        lens = self.adapters[i].lens()
         scale = getattr(lens, "scale", None)
 
         def row(t: Tensor) -> list[float | None]:
@@ -511,17 +390,18 @@ class ChronoSystem:
             "phi_fast": row(reading["phi_fast"]), "phi_mid": row(reading["phi_mid"]),
             "phi_slow": row(reading["phi_slow"]), "beta": row(reading["beta"]), "share": share,
             "share_slow": row(reading["share_slow"]), "bimodality": row(reading["bimodality"]),
-            "degrading": [bool(d) for d in st.coherence.degrading(mask).detach().cpu().tolist()],
+            "degrading": [bool(d) for d in coh.degrading(self.banks[i].active_mask).detach().cpu().tolist()],
             "neff": neff, "top2": top2, "dead": dead,
-            "psi_slow": finite_or_none(float(st.coherence.layer_psi(2))), "alerts": alerts,
+            "psi_slow": finite_or_none(float(coh.layer_psi(2))), "alerts": alerts,
             "lens_scale": float(scale) if isinstance(scale, Tensor) else 0.0,
         }
 
     def _basins(self) -> dict[str, dict[str, Any]]:
-        assert self.token_basins is not None
         out: dict[str, dict[str, Any]] = {}
-        for i in range(len(self.layers)):
-            for slot, (total, pairs) in enumerate(self.token_basins.top(i, BASIN_TOP_TOKENS)):
+        for i, obs in enumerate(self.observers):
+            if obs.tokens is None:
+                continue
+            for slot, (total, pairs) in enumerate(obs.tokens.top(BASIN_TOP_TOKENS)):
                 record = self.registry.expert_at(i, slot)
                 if record is not None and total > 0:
                     out[record.expert_id] = {
@@ -533,20 +413,17 @@ class ChronoSystem:
         self, step: int, review_due: bool, emergency: Mapping[int, str]
     ) -> tuple[list[LifecycleAction], list[LayerDecision]]:
         views = {i: self.layer_view(i) for i in range(len(self.layers))}
-        cooldown_ok = {
-            i: last is None or step - last >= self.config.cooldown_steps for i, last in enumerate(self.last_edit_step)
-        }
+        cooldown = self.config.lifecycle.cooldown_steps
+        cooldown_ok = {i: last is None or step - last >= cooldown for i, last in enumerate(self.last_edit_step)}
         flags = {i: i in emergency for i in views}
-        decisions = review(
-            views, self.config, cooldown_ok=cooldown_ok, emergency=flags, review_due=review_due, params=self.params
-        )
+        decisions = review(views, self.config, cooldown_ok=cooldown_ok, emergency=flags, review_due=review_due)
         actions: list[LifecycleAction] = []
         for d in decisions:
             i = d.layer_id
             if not review_due and not flags[i]:
                 continue
             trigger = (
-                f"scheduled review (every {self.config.lifecycle_eval_interval} step() calls)" if review_due
+                f"scheduled review (every {self.config.lifecycle.eval_interval} step() calls)" if review_due
                 else f"emergency review: {emergency[i]}"
             )
             if review_due and i in emergency:
@@ -558,20 +435,14 @@ class ChronoSystem:
             edit = d.edit
             if edit is None:
                 rec = decision_record(d, step=step, run_id=self.run_id, trigger=trigger, slot_ids=slot_ids,
-                                      readings=expert_readings(views[i], self.states[i].coherence, None, None))
+                                      readings=expert_readings(views[i], self.observers[i].coherence, None, None))
                 if rec is not None:
                     self.decision_log.append(rec)
                 continue
-            readings = expert_readings(views[i], self.states[i].coherence, self.biases[i], edit.expert_id)
-            parts = LayerParts(self.banks[i], self.states[i].coherence, self.states[i].bimodality, self.biases[i])
+            readings = expert_readings(views[i], self.observers[i].coherence, self.biases[i], edit.expert_id)
+            parts = LayerParts(self.banks[i], self.observers[i], self.biases[i], self.adapters[i].selection_bias())
             record = apply_edit(edit, parts, self.registry, views[i], step=step, generator=self.generator,
                                 surgery=self.surgery)
-            self._reset_slots(i, record.slots)
-            if self.token_basins is not None:
-                renamed = list(record.kept_slots) if record.kind == "split" else []  # child A: a new expert
-                self.token_basins.reset_slots(i, list(record.fresh_slots) + list(record.parked_slots) + renamed)
-            sibling = record.kept_slots[0] if record.kind == "split" and record.kept_slots else None
-            reset_expert_bias(self.layers[i], record.fresh_slots, record.parked_slots, inherit_from=sibling)
             self.last_edit_step[i] = step
             rec = decision_record(d, step=step, run_id=self.run_id, trigger=trigger, slot_ids=slot_ids,
                                   readings=readings, record=record)
@@ -583,48 +454,19 @@ class ChronoSystem:
             ))
         return actions, decisions
 
-    @torch.no_grad()
-    def _reset_slots(self, i: int, slots: Sequence[int]) -> None:
-        """Co-activation rows/columns and last-fired steps of edited slots start over."""
-        st = self.states[i]
-        idx = torch.as_tensor(list(slots), dtype=torch.long, device=st.coactivation.device)
-        st.coactivation.index_fill_(0, idx, 0.0)
-        st.coactivation.index_fill_(1, idx, 0.0)
-        st.last_fired.index_fill_(0, idx, 0)
-        st.last_fired.index_copy_(0, idx, st.coherence.step.expand(idx.shape[0]).clone())
-
     @property
     def decisions(self) -> list[DecisionRecord]:
         return list(self.decision_log.records)
 
     # ------------------------------------------------------------------ persistence
-    def _pending_state(self) -> list[tuple[int, int, int, int]]:
-        if self.surgery is None:
-            return list(self._pending_surgery or [])
-        out = []
-        for p in self.surgery._pending:
-            for b, banks in enumerate(self.banks):
-                for r, row in enumerate(banks.param_slots()):
-                    if row.param is p.param:
-                        out.append((b, r, p.slot, p.steps_left))
-        return out
-
-    def _restore_pending(self, pending: Sequence[tuple[int, int, int, int]]) -> None:
-        assert self.surgery is not None
-        opt = self.surgery.optimizer
-        groups = {id(p): g for g in opt.param_groups for p in g["params"]}
-        restored = []
-        for b, r, slot, left in pending:
-            row = self.banks[b].param_slots()[r]
-            assert row.expert_dim is not None
-            restored.append(_Pending(row.param, groups[id(row.param)], row.expert_dim, slot, left))
-        self.surgery._pending = restored
-
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly; plain containers and tensors (`torch.load(weights_only=True)`)."""
+        """Everything needed to resume exactly, composed of the parts' own state; plain containers and tensors
+        (`torch.load(weights_only=True)`). What lives on the layers (weights, active masks, beta) is the model's
+        state: save and load that too (the model's before the system's)."""
         controller_state = None
         if self.controller is not None and callable(getattr(self.controller, "state_dict", None)):
             controller_state = self.controller.state_dict()
+        surgery = self.surgery.state_dict() if self.surgery is not None else self._surgery_state
         return {
             "format": STATE_FORMAT,
             "run_id": self.run_id,
@@ -633,56 +475,62 @@ class ChronoSystem:
             "layer_steps": list(self.layer_steps),
             "step_calls": self.step_calls,
             "last_edit_step": [-1 if s is None else s for s in self.last_edit_step],
-            "layers": [{k: v.clone() for k, v in st.state_dict().items()} for st in self.states],
-            "beta": [None if b is None else b.beta.detach().clone() for b in self.biases],
-            "active_masks": [b.active_mask.detach().clone() for b in self.banks],
+            "observers": [{k: v.clone() for k, v in obs.state_dict().items()} for obs in self.observers],
             "registry": self.registry.state_dict(),
             "counter": self.counter.state_dict(),
             "alert_history": self.alert_history.to_dict(),
             "controller": controller_state,
             "rng": self.generator.get_state(),
             "decisions": [r.to_json() for r in self.decision_log.records],
-            "surgery_pending": [list(p) for p in self._pending_state()],
-            "token_basins": None if self.token_basins is None else self.token_basins.counts.detach().clone(),
+            "surgery": None if surgery is None else copy.deepcopy(dict(surgery)),
             "vocabulary": None if self.vocabulary is None else list(self.vocabulary),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a `state_dict()`. Everything is validated on copies first: on error (ValueError naming what
-        differs) the system is unchanged."""
+        differs) the system is unchanged. A checkpoint saved under another config raises, naming the fields
+        that differ (build the system with `ChronoConfig.from_dict(state["config"])` to resume it). The
+        model's state must be loaded first: the layers' active masks must agree with the saved registry."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             got = state.get("format") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"ChronoSystem state format {got!r} is unsupported: expected {STATE_FORMAT}")
+        saved_config = ChronoConfig.from_dict(state["config"])
+        differ = self.config.diff(saved_config)
+        if differ:
+            raise ValueError(
+                f"the checkpoint was saved under another config: {differ} differ; build the system with the "
+                "saved config (ChronoConfig.from_dict(state['config'])) to resume it"
+            )
         names = list(state["layer_names"])
         if names != self.layer_names:
             raise ValueError(f"saved state has MoE layers {names}; this system has {self.layer_names}")
-        new_states = []
-        for i, (st, saved) in enumerate(zip(self.states, state["layers"], strict=True)):
-            clone = copy.deepcopy(st)
+        new_observers = []
+        for i, (obs, saved) in enumerate(zip(self.observers, state["observers"], strict=True)):
+            clone = copy.deepcopy(obs)
+            if any(k.startswith("tokens.") for k in saved):
+                clone.enable_tokens()
+            mine = clone.state_dict()
             for key, value in saved.items():
-                mine = clone.state_dict().get(key)
-                if mine is not None and tuple(mine.shape) != tuple(value.shape):
+                if key in mine and tuple(mine[key].shape) != tuple(value.shape):
                     raise ValueError(
                         f"layer {i} ({names[i]}) state {key!r} has shape {tuple(value.shape)}; this system expects "
-                        f"{tuple(mine.shape)} (a different number of expert slots or hidden width?)"
+                        f"{tuple(mine[key].shape)} (a different number of expert slots or hidden width?)"
                     )
             try:
                 clone.load_state_dict(saved, strict=True)
             except RuntimeError as exc:
                 raise ValueError(f"layer {i} ({names[i]}) state does not match: {exc}") from None
-            new_states.append(clone)
-        betas = list(state["beta"])
-        for i, (bias, beta) in enumerate(zip(self.biases, betas, strict=True)):
-            if (bias is None) != (beta is None) or (bias is not None and beta.shape != bias.beta.shape):
-                raise ValueError(f"layer {i} saved beta {None if beta is None else tuple(beta.shape)}; expected "
-                                 f"{None if bias is None else tuple(bias.beta.shape)}")
-        masks = list(state["active_masks"])
-        for i, (banks, m) in enumerate(zip(self.banks, masks, strict=True)):
-            if tuple(m.shape) != tuple(banks.active_mask.shape):
-                raise ValueError(f"layer {i} saved active mask has shape {tuple(m.shape)}; expected "
-                                 f"{tuple(banks.active_mask.shape)}")
+            new_observers.append(clone)
         registry = copy.deepcopy(self.registry)
         registry.load_state_dict(state["registry"])
+        for i, banks in enumerate(self.banks):
+            expected, got = registry.active_mask(i), banks.active_mask.detach().cpu()
+            if not torch.equal(expected, got):
+                raise ValueError(
+                    f"layer {i} ({names[i]}) routes to slots {got.nonzero().flatten().tolist()} but the saved registry "
+                    f"has live experts in {expected.nonzero().flatten().tolist()}: load the model's state_dict "
+                    "(which holds the active masks) before the system's"
+                )
         counter = copy.deepcopy(self.counter)
         counter.load_state_dict(state["counter"])
         controller = None
@@ -693,27 +541,15 @@ class ChronoSystem:
         records = [DecisionRecord.from_dict(json.loads(s)) for s in state["decisions"]]
         generator = torch.Generator(device=self.device)
         generator.set_state(state["rng"])
-        pending = [tuple(int(x) for x in p) for p in state["surgery_pending"]]
-        basin_counts = state.get("token_basins")
-        basins = None
-        if basin_counts is not None:
-            basins = TokenBasins(len(self.layers), self.num_slots, self.config.basin_vocab_limit, device=self.device)
-            if tuple(basin_counts.shape) != tuple(basins.counts.shape):
-                raise ValueError(f"saved token basins have shape {tuple(basin_counts.shape)}; expected "
-                                 f"{tuple(basins.counts.shape)} (layers, slots, basin_vocab_limit + 1)")
-            basins.counts.copy_(basin_counts)
-        for b, r, _, _ in pending:
-            if not (0 <= b < len(self.banks) and 0 <= r < len(self.banks[b].param_slots())):
-                raise ValueError(f"saved optimiser-surgery entry ({b}, {r}) names no parameter of this system")
+        surgery_state = state["surgery"]
+        if surgery_state is not None and self.surgery is not None:
+            probe = copy.copy(self.surgery)
+            probe.load_state_dict(surgery_state)  # validates before anything below changes
         # ---- commit (nothing below can fail on a validated state)
-        for st, new in zip(self.states, new_states, strict=True):
-            st.load_state_dict(new.state_dict())
-        with torch.no_grad():
-            for bias, beta in zip(self.biases, betas, strict=True):
-                if bias is not None:
-                    bias.beta.copy_(beta)
-            for banks, m in zip(self.banks, masks, strict=True):
-                banks.active_mask.copy_(m)
+        for obs, new in zip(self.observers, new_observers, strict=True):
+            if new.tokens is not None:
+                obs.enable_tokens()
+            obs.load_state_dict(new.state_dict())
         self.registry = registry
         self.counter = counter
         if controller is not None:
@@ -724,13 +560,12 @@ class ChronoSystem:
         self.last_edit_step = [None if int(s) < 0 else int(s) for s in state["last_edit_step"]]
         self.alert_history = AlertHistory(dict(state["alert_history"]))
         self.generator = generator
-        self.token_basins = basins
         vocabulary = state.get("vocabulary")
         self.vocabulary = None if vocabulary is None else [str(w) for w in vocabulary]
         if self.output_dir is not None and self.decision_log.path != self._log_path():
             self.decision_log = DecisionLog(self._log_path())
         self.decision_log.records = records
-        if self.surgery is not None:
-            self._restore_pending(pending)  # type: ignore[arg-type]
+        if self.surgery is not None and surgery_state is not None:
+            self.surgery.load_state_dict(surgery_state)
         else:
-            self._pending_surgery = pending  # type: ignore[assignment]
+            self._surgery_state = surgery_state

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     after = result.flags[d:, layer, damaged].nonzero()
     first = int(after[0]) if after.numel() else None
     # Claim 1: the layer's debiased slow clock read the alpha-weighted mean of what it observed.
-    expected = alpha_weighted_mean(result.phi[:d, layer], cfg.alpha_slow)
+    expected = alpha_weighted_mean(result.phi[:d, layer], cfg.coherence.slow.retention)
     gap = (result.slow_at_damage - expected).abs().nanmean()
     plain = (result.plain_slow_at_damage / expected).nanmean()
 
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
               f"flagged {first} step(s) after the damage, and on {flagged_steps} of the {args.steps - d} steps since")
     print(f"  2. damaged expert L{layer}_E{damaged}: {detect} (target: within {DETECTION_WINDOW})")
     print(f"  3. healthy experts flagged at any step: {false_flags or 'none'}")
-    print(f"\n{args.steps} steps in {result.seconds:.1f} s; flag rule: fast vs {cfg.degrade_baseline} clock, "
-          f"judged against the layer median, threshold {cfg.delta_threshold} (see projectdesign.md)")
+    print(f"\n{args.steps} steps in {result.seconds:.1f} s; flag rule: fast vs {cfg.degrade.baseline} clock, "
+          f"judged against the layer median, threshold {cfg.degrade.threshold} (see projectdesign.md)")
     if args.plot is not None:
         _plot(result.phi[:, layer], damaged, d, args.plot)
     ok = first is not None and first <= DETECTION_WINDOW and not false_flags and float(gap) < 1e-3

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.config import BasinConfig, ChronoConfig, DegradeConfig, LifecycleConfig, ObjectiveConfig
 from chronomoe_v3.system import ChronoSystem
 from chronomoe_v3.toy.datasets import load_shakespeare
 from chronomoe_v3.toy.models import TinyMoELM
@@ -32,8 +32,10 @@ def main(steps: int = 120, seq: int = 64, batch: int = 8, out: Path | None = Non
     data = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
     model = TinyMoELM(len(chars), d_model=32, n_layers=2, n_heads=4, d_ff=32, max_experts=8, top_k=2, num_active=6)
     config = ChronoConfig(
-        lifecycle_eval_interval=10, cooldown_steps=40, cooling_period=40, min_observations_to_flag=50,
-        min_observations_to_judge=50, basin_window_size=30,
+        lifecycle=LifecycleConfig(eval_interval=10, cooldown_steps=40, cooling_period=40),
+        degrade=DegradeConfig(min_observations=50),
+        objective=ObjectiveConfig(min_observations_to_judge=50, fired_window=30),
+        basins=BasinConfig(history=30),
     )
     system = ChronoSystem(model, config=config, run_id="lifecycle-demo", output_dir=out)
     system.set_vocabulary(chars)

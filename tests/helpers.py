@@ -16,3 +16,10 @@ def tree_equal(a, b) -> bool:
     if isinstance(a, float) and math.isnan(a):
         return isinstance(b, float) and math.isnan(b)
     return a == b
+
+
+def lifecycle_config(**fields):
+    """A ChronoConfig whose only changes are lifecycle fields (bounds, cooling, archive, ...)."""
+    from chronomoe_v3.config import ChronoConfig, LifecycleConfig
+
+    return ChronoConfig(lifecycle=LifecycleConfig(**fields))

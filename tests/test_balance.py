@@ -15,6 +15,7 @@ from chronomoe_v3.balance import (
     load_balancing_loss,
     reset_expert_bias,
 )
+from chronomoe_v3.config import LifecycleConfig
 from chronomoe_v3.routing import route_topk
 from chronomoe_v3.telemetry import compute_n_effective
 from chronomoe_v3.toy.models import TinyMoELM
@@ -240,7 +241,7 @@ def test_composes_with_the_system_and_edits_reset_the_bias():
                       aux_loss_coef=0.01)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     balancer = AuxLossFreeBalancer(model, optimizer=opt)
-    system = ChronoSystem(model, config=ChronoConfig(max_experts_per_layer=6))
+    system = ChronoSystem(model, config=ChronoConfig(lifecycle=LifecycleConfig(max_experts_per_layer=6)))
     system.attach_optimizer(opt)
     x = torch.randint(0, 20, (2, 8))
     for _ in range(3):
@@ -254,15 +255,16 @@ def test_composes_with_the_system_and_edits_reset_the_bias():
     with torch.no_grad():
         layer.expert_bias[:4] = torch.tensor([0.1, 0.2, 0.3, 0.4])
     # a new expert in slot 4 takes the mean of the others; pruned slot 1 returns to 0
-    reset_expert_bias(layer, fresh_slots=[], parked_slots=[])
+    bias, mask = layer.expert_bias, layer.active_mask
+    reset_expert_bias(bias, mask, fresh_slots=[], parked_slots=[])
     layer.active_mask[4] = True
-    reset_expert_bias(layer, fresh_slots=[4], parked_slots=[])
+    reset_expert_bias(bias, mask, fresh_slots=[4], parked_slots=[])
     assert math.isclose(float(layer.expert_bias[4]), 0.25, rel_tol=1e-6)
     layer.active_mask[1] = False
-    reset_expert_bias(layer, fresh_slots=[], parked_slots=[1])
+    reset_expert_bias(bias, mask, fresh_slots=[], parked_slots=[1])
     assert float(layer.expert_bias[1]) == 0.0
     layer.active_mask[5] = True
-    reset_expert_bias(layer, fresh_slots=[5], parked_slots=[], inherit_from=3)
+    reset_expert_bias(bias, mask, fresh_slots=[5], parked_slots=[], inherit_from=3)
     assert math.isclose(float(layer.expert_bias[5]), 0.4, rel_tol=1e-6)
     assert system.global_step == 3
     balancer.remove()

@@ -9,7 +9,7 @@ from chronomoe_v3.adapters import (
     RouterBank,
     StackedBank,
     banks_for,
-    register_bank_factory,
+    register_adapter,
 )
 from chronomoe_v3.layers import ChronoMoELayer
 
@@ -144,13 +144,22 @@ class _SubListMoE(_ListMoE):
     pass
 
 
+class _ListAdapter:
+    """Only the banks of the adapter protocol: enough for the edit operations."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def banks(self):
+        m = self.module
+        return LayerBanks(ModuleListBank(m.experts), RouterBank.from_linear(m.gate), m.active_mask)
+
+
 def test_banks_for_is_extensible_by_registration():
-    with pytest.raises(ValueError, match="no bank factory for _ListMoE"):
+    with pytest.raises(ValueError, match="no adapter for _ListMoE"):
         banks_for(_ListMoE())
-    register_bank_factory(
-        _ListMoE, lambda m: LayerBanks(ModuleListBank(m.experts), RouterBank.from_linear(m.gate), m.active_mask)
-    )
-    banks = banks_for(_SubListMoE())  # subclasses inherit the factory
+    register_adapter(_ListMoE, _ListAdapter)
+    banks = banks_for(_SubListMoE())  # subclasses inherit the registration
     assert banks.num_slots == 4 and not banks.router.has_bias
     with pytest.raises(ValueError, match="nn.Module subclass"):
-        register_bank_factory(int, lambda m: banks)
+        register_adapter(int, _ListAdapter)

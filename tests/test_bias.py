@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chronomoe_v3.bias import SlowBias, center_beta, slow_bias_update
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.config import BiasConfig, ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 
 NAN = float("nan")
@@ -26,7 +26,7 @@ def test_hand_computed_update_before_centring():
     new = _update([0.0, 0.0, 0.2, -0.1], [0.8, 0.3, 0.5, 0.5])
     assert torch.allclose(new, torch.tensor([0.03, -0.02, 0.2, -0.1]), atol=1e-7)
     # the module does the same with its config
-    bias = SlowBias(4, ChronoConfig(eta_beta=0.1, tau=0.5, beta_center=False))
+    bias = SlowBias(4, ChronoConfig(bias=BiasConfig(eta=0.1, tau=0.5, center=False)))
     bias.update(torch.tensor([0.8, 0.3, 0.5, 0.5]))
     assert torch.allclose(bias.beta, torch.tensor([0.03, -0.02, 0.0, 0.0]), atol=1e-7)
 
@@ -88,7 +88,7 @@ def test_centring_property_mean_zero_and_within_bounds(values, active_bits, lo, 
 
 
 def test_repeated_updates_stay_bounded_and_centred():
-    bias = SlowBias(8, ChronoConfig(eta_beta=0.05))
+    bias = SlowBias(8, ChronoConfig(bias=BiasConfig(eta=0.05)))
     gen = torch.Generator().manual_seed(0)
     target = torch.linspace(-1, 1, 8)
     for _ in range(300):

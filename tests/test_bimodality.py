@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.config import BimodalityConfig, ChronoConfig
 from chronomoe_v3.observe.bimodality import BimodalityState, sample_expert_outputs
 from chronomoe_v3.trace import MoETrace
 
-ALPHA = ChronoConfig().alpha_centroid
+ALPHA = ChronoConfig().bimodality.centroid.retention
 
 
 @pytest.fixture(autouse=True)
@@ -193,7 +193,7 @@ def test_active_mask_and_validation() -> None:
     with pytest.raises(ValueError, match="valid has shape"):
         st.update(torch.zeros(2, 3), torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="seed_cosine"):
-        BimodalityState(2, 3, seed_cosine=1.0)
+        BimodalityState(2, 3, ChronoConfig(bimodality=BimodalityConfig(seed_cosine=1.0)))
     with pytest.raises(ValueError, match="samples_per_expert"):
         trace = MoETrace(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), torch.ones(2, 1, 3), 2)
         sample_expert_outputs(trace, 0)

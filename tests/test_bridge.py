@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chronomoe_v3 import CoherenceState, compute_expert_stats
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.config import BiasConfig, BridgeConfig, ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.routing import apply_veto, bridge_report, route_topk, route_with_bias
 
@@ -155,7 +155,7 @@ def test_layer_trace_carries_the_bridge_and_relevance_feeds_the_clocks():
 def test_veto_off_leaves_the_biased_gates_and_still_reports():
     torch.manual_seed(1)
     layer = ChronoMoELayer(8, 16, 4, 1)
-    bias = layer.attach_slow_bias(ChronoConfig(bridge_veto=False, bias_mode="selection"))
+    bias = layer.attach_slow_bias(ChronoConfig(bridge=BridgeConfig(veto=False), bias=BiasConfig(mode="selection")))
     assert layer.bias_mode == "selection"
     bias.set_beta(torch.tensor([1.0, -1.0, 0.0, 0.0]))
     seen = []

@@ -11,6 +11,7 @@ from chronomoe_v3 import (
     compute_expert_stats,
     layer_coherence,
 )
+from chronomoe_v3.config import DegradeConfig
 
 
 def _two_expert_trace(v0, v1, t=6):
@@ -134,7 +135,7 @@ def test_unmeasured_experts_leave_state_untouched():
     tr.num_experts = 5
     state.observe(compute_expert_stats(tr))
     after = state.state_dict()
-    for key in ("phi.value", "phi.decay", "phi.count", "role_value", "last_seen"):
+    for key in ("phi.value", "phi.decay", "phi.count", "role.value", "last_seen"):
         b, a = before[key], after[key]
         b = b.reshape(-1, 5, *b.shape[2:]) if b.dim() > 1 else b.reshape(1, 5)
         a = a.reshape(-1, 5, *a.shape[2:]) if a.dim() > 1 else a.reshape(1, 5)
@@ -181,7 +182,7 @@ def test_observe_with_relevance_modulates_fast_and_mid_only():
 
 
 def test_degrading_flag_relative_to_layer_median():
-    cfg = ChronoConfig(min_observations_to_flag=1)
+    cfg = ChronoConfig(degrade=DegradeConfig(min_observations=1))
     s = CoherenceState(4, 3, cfg)
     # Fake a history: slow 0.8 everywhere, fast drops for expert 1 only; then for the whole layer.
     for _ in range(500):
@@ -195,7 +196,7 @@ def test_degrading_flag_relative_to_layer_median():
     for _ in range(30):
         s2.phi.update(torch.full((4,), 0.2), torch.ones(4, dtype=torch.bool))
     assert not s2.degrading().any()
-    abs_cfg = ChronoConfig(min_observations_to_flag=1, degrade_reference="absolute")
+    abs_cfg = ChronoConfig(degrade=DegradeConfig(min_observations=1, reference="absolute"))
     s3 = CoherenceState(4, 3, abs_cfg)
     s3.load_state_dict(s2.state_dict())
     assert s3.degrading().all()
@@ -230,9 +231,10 @@ def test_matmul_and_index_add_reductions_agree(seed):
 
 
 def test_degrade_baseline_selects_the_clock():
-    mid = CoherenceState(2, 3, ChronoConfig(min_observations_to_flag=1))
-    slow = CoherenceState(2, 3, ChronoConfig(min_observations_to_flag=1, degrade_baseline="slow",
-                                             degrade_reference="absolute"))
+    mid = CoherenceState(2, 3, ChronoConfig(degrade=DegradeConfig(min_observations=1)))
+    slow = CoherenceState(
+        2, 3, ChronoConfig(degrade=DegradeConfig(min_observations=1, baseline="slow", reference="absolute"))
+    )
     for s in (mid, slow):
         for _ in range(300):
             s.phi.update(torch.tensor([0.9, 0.9]), torch.ones(2, dtype=torch.bool))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from chronomoe_v3 import ChronoMoELayer, CoherenceState, attach_coherence
+from chronomoe_v3.config import LifecycleConfig
 
 
 class TinyMoE(nn.Module):
@@ -84,7 +85,8 @@ def test_chronosystem_compiled_observers_match_eager():
     def run(compiled):
         torch.manual_seed(0)
         model = TinyMoELM(40, d_model=32, n_layers=2, d_ff=64, max_experts=8, top_k=2, num_active=6)
-        system = ChronoSystem(model, config=ChronoConfig(max_experts_per_layer=8), compile_observers=compiled)
+        config = ChronoConfig(lifecycle=LifecycleConfig(max_experts_per_layer=8))
+        system = ChronoSystem(model, config=config, compile_observers=compiled)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         system.attach_optimizer(opt)
         g = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.config import BasinConfig, ChronoConfig, DegradeConfig, LifecycleConfig, ObjectiveConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.system import ChronoSystem
 from chronomoe_v3.telemetry import COLLAPSE_CONFIRMED, Alert, SystemSnapshot
@@ -17,8 +17,10 @@ torch.set_num_threads(1)
 D = 8
 # Short clocks so that the slow clock acts within a few hundred steps (the defaults are for real runs).
 CFG = ChronoConfig(
-    lifecycle_eval_interval=20, cooldown_steps=40, cooling_period=40, min_observations_to_flag=50,
-    min_observations_to_judge=50, basin_window_size=30,
+    lifecycle=LifecycleConfig(eval_interval=20, cooldown_steps=40, cooling_period=40),
+    degrade=DegradeConfig(min_observations=50),
+    objective=ObjectiveConfig(min_observations_to_judge=50, fired_window=30),
+    basins=BasinConfig(history=30),
 )
 
 
@@ -69,7 +71,7 @@ def test_dead_expert_with_spare_capacity_is_pruned() -> None:
     with torch.no_grad():
         layer.router.bias[3] = -30.0  # slot 3 never wins a token
     # A high bar for judged edits, so only the utilisation fallback (exempt from the bar) can act.
-    system = _train(layer, replace(CFG, min_improvement=0.5), 4, 80)
+    system = _train(layer, replace(CFG, objective=replace(CFG.objective, min_improvement=0.5)), 4, 80)
     edits = _edits(system)
     assert edits, "expected the dead expert to be pruned"
     first = edits[0]
@@ -111,7 +113,7 @@ def test_expert_serving_two_separated_clusters_is_split() -> None:
     parent_clusters = {0, 1} if first.expert_id == "L0_E0" else {2, 3}
     assert served[children[0]] | served[children[1]] == parent_clusters
     # After the split the children are no longer bimodal: each serves one role.
-    bim = system.states[0].bimodality.bimodality
+    bim = system.observers[0].bimodality.bimodality
     assert all(float(bim[c]) < 0.2 for c in children), bim
 
 
@@ -123,7 +125,7 @@ def test_duplicated_experts_are_merged() -> None:
             p[1] = p[0]
         layer.router.weight[1] = layer.router.weight[0]
     # Duplicates drift apart at the top-k boundary (ties go to one of them), so judge them early.
-    system = _train(layer, replace(CFG, min_observations_to_judge=20), 4, 300)
+    system = _train(layer, replace(CFG, objective=replace(CFG.objective, min_observations_to_judge=20)), 4, 300)
     merges = [r for r in _edits(system) if r.action == "merge"]
     assert merges and {merges[0].expert_id, merges[0].child_id} == {"L0_E0", "L0_E1"}
     assert "most redundant pair" in (merges[0].reason or "")
@@ -170,7 +172,8 @@ def _coherent_starved_layer_with_dead_expert() -> tuple[ChronoMoELayer, ChronoSy
         layer.router.bias.zero_()
         layer.router.bias[3] = -30.0  # and slot 3 is dead: a fallback prune candidate
     # The regular review never comes due here; instability weight 0 keeps split (the other additive edit) out.
-    cfg = replace(CFG, lifecycle_eval_interval=10_000, kappa_instability=0.0)
+    cfg = replace(CFG, lifecycle=replace(CFG.lifecycle, eval_interval=10_000),
+                  objective=replace(CFG.objective, kappa_instability=0.0))
     system = ChronoSystem(layer, config=cfg, run_id="emergency")
     for step in range(80):
         g = torch.Generator().manual_seed(step)

@@ -8,15 +8,15 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import lifecycle_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.config import ChronoConfig, ObjectiveConfig
 from chronomoe_v3.lifecycle.objective import (
     ADDITIVE_ACTIONS,
     EditCandidate,
     FreeEnergy,
-    ObjectiveParams,
     free_energy,
     propose_edits,
     redundancy_matrix,
@@ -75,9 +75,9 @@ I0 = 0.5 - 0.2  # bimodality above the 0.2 threshold
 def test_free_energy_hand_computed() -> None:
     f = free_energy(make_view(), CFG)
     assert f.misfit == pytest.approx(1 - PSI)
-    assert f.complexity == pytest.approx(CFG.lambda_complexity * 4)
-    assert f.redundancy == pytest.approx(CFG.rho_redundancy * R02)
-    assert f.instability == pytest.approx(CFG.kappa_instability * I0)
+    assert f.complexity == pytest.approx(CFG.objective.lambda_complexity * 4)
+    assert f.redundancy == pytest.approx(CFG.objective.rho_redundancy * R02)
+    assert f.instability == pytest.approx(CFG.objective.kappa_instability * I0)
     assert f.total == pytest.approx(1 - PSI + 0.04 + 0.1 * R02 + 0.1 * I0)
     r = redundancy_matrix(make_view())
     assert r[0, 2].item() == pytest.approx(R02) and r[2, 0].item() == pytest.approx(R02)
@@ -87,7 +87,7 @@ def test_free_energy_hand_computed() -> None:
 def test_free_energy_counts_cooling_experts_and_handles_no_measurement() -> None:
     cooling = torch.tensor([False, False, False, False, True])
     f = free_energy(make_view(cooling=cooling), CFG)
-    assert f.complexity == pytest.approx(CFG.lambda_complexity * 5)
+    assert f.complexity == pytest.approx(CFG.objective.lambda_complexity * 5)
     f0 = free_energy(make_view(phi_slow=torch.full((5,), NAN)), CFG)
     assert f0.misfit == 1.0 and f0.redundancy == 0.0
 
@@ -115,7 +115,7 @@ def test_prune_prediction_matches_formula() -> None:
     # Absorbed traffic takes E0's coherence; the rest keeps min(phi_e, 0): no credit for stranding it.
     misfit = 0.2 * (-0.3 - (0.8 * 0.9 + 0.2 * min(-0.3, 0.0)))
     assert prune.delta.misfit == pytest.approx(misfit)
-    assert prune.delta.complexity == pytest.approx(-CFG.lambda_complexity)
+    assert prune.delta.complexity == pytest.approx(-CFG.objective.lambda_complexity)
     assert prune.delta.redundancy == 0.0 and prune.delta.instability == 0.0
     assert prune.F_before == pytest.approx(free_energy(view, CFG).total)
 
@@ -142,9 +142,9 @@ def test_never_firing_expert_is_pruned_through_the_fallback() -> None:
     assert len(fallback) == 1
     (c,) = fallback
     assert c.expert_id == 3 and "never fired" in c.reason and "utilisation fallback" in c.reason
-    assert _parts(c.delta) == (0.0, -CFG.lambda_complexity, 0.0, 0.0)
+    assert _parts(c.delta) == (0.0, -CFG.objective.lambda_complexity, 0.0, 0.0)
     # delta_F = -lambda == -min_improvement does not beat the threshold, yet the fallback is selected.
-    assert not c.delta_F < -CFG.min_improvement
+    assert not c.delta_F < -CFG.objective.min_improvement
     decision = select_edit([c], CFG)
     assert decision.edit is c and "fallback" in decision.reason
     # A better edit in the same layer goes first.
@@ -166,7 +166,8 @@ def test_merge_prediction() -> None:
     (merge,) = _by_action(propose_edits(view, CFG))["merge"]
     # Equal shares: the lower slot survives, E2 is absorbed; all its traffic is absorbable at the same phi.
     assert (merge.expert_id, merge.partner_id) == (2, 0)
-    assert _parts(merge.delta) == pytest.approx((0.0, -CFG.lambda_complexity, -CFG.rho_redundancy * 1.0, 0.0))
+    o = CFG.objective
+    assert _parts(merge.delta) == pytest.approx((0.0, -o.lambda_complexity, -o.rho_redundancy * 1.0, 0.0))
     assert "most redundant pair" in merge.reason
 
 
@@ -179,8 +180,8 @@ def test_split_prediction_uses_centroid_coherence() -> None:
     assert split.expert_id == 0 and "most bimodal" in split.reason
     children = 0.75 * 0.7 + 0.25 * 0.6
     assert split.delta.misfit == pytest.approx(0.4 * (0.9 - children))
-    assert split.delta.complexity == pytest.approx(CFG.lambda_complexity)
-    assert split.delta.instability == pytest.approx(-CFG.kappa_instability * I0)
+    assert split.delta.complexity == pytest.approx(CFG.objective.lambda_complexity)
+    assert split.delta.instability == pytest.approx(-CFG.objective.kappa_instability * I0)
     assert split.delta.redundancy == 0.0
     # Without centroid coherence the misfit is predicted unchanged.
     (plain,) = _by_action(propose_edits(make_view(), CFG))["split"]
@@ -196,7 +197,7 @@ def test_spawn_needs_starvation_and_coherent_experts() -> None:
     (spawn,) = _by_action(propose_edits(view, CFG))["spawn"]
     assert spawn.expert_id is None and "fit no expert" in spawn.reason
     # A new expert takes at most its fair share 1/(N+1) = 0.2 of the traffic (< 0.3 starved), served at Psi.
-    assert _parts(spawn.delta) == pytest.approx((-0.2 * PSI, CFG.lambda_complexity, 0.0, 0.0))
+    assert _parts(spawn.delta) == pytest.approx((-0.2 * PSI, CFG.objective.lambda_complexity, 0.0, 0.0))
     incoherent = make_view(starvation=0.3, phi_slow=torch.tensor([-0.1, -0.2, 0.3, NAN, NAN]))
     assert "spawn" not in _by_action(propose_edits(incoherent, CFG))  # median phi < floor: not starvation
     young = make_view(starvation=0.3, observations=torch.tensor([10, 10, 10, 0, 0]))
@@ -205,9 +206,9 @@ def test_spawn_needs_starvation_and_coherent_experts() -> None:
 
 def test_bounds_and_free_slots() -> None:
     view = make_view(starvation=0.3, fired=torch.tensor([True, True, True, False, False]))
-    at_min = propose_edits(view, replace(CFG, min_experts_per_layer=4))
+    at_min = propose_edits(view, lifecycle_config(min_experts_per_layer=4))
     assert not {"prune", "merge"} & {c.action for c in at_min}
-    at_max = propose_edits(view, replace(CFG, max_experts_per_layer=4))
+    at_max = propose_edits(view, lifecycle_config(max_experts_per_layer=4))
     assert not set(ADDITIVE_ACTIONS) & {c.action for c in at_max}
     full = make_view(starvation=0.3, active=torch.ones(5, dtype=torch.bool))
     assert not set(ADDITIVE_ACTIONS) & {c.action for c in propose_edits(full, CFG)}  # no free slot
@@ -241,7 +242,7 @@ def test_invariants_on_random_views(data: st.DataObject) -> None:
         observations=torch.tensor(data.draw(st.lists(st.integers(0, 50), min_size=e, max_size=e))),
     )
     lo = data.draw(st.integers(1, e))
-    cfg = replace(CFG, min_experts_per_layer=lo, max_experts_per_layer=data.draw(st.integers(lo, e + 1)))
+    cfg = lifecycle_config(min_experts_per_layer=lo, max_experts_per_layer=data.draw(st.integers(lo, e + 1)))
     n = int(active.sum())
     f = free_energy(view, cfg)
     assert math.isfinite(f.total)
@@ -250,9 +251,9 @@ def test_invariants_on_random_views(data: st.DataObject) -> None:
         for slot in (c.expert_id, c.partner_id):
             assert slot is None or (bool(active[slot]) and not bool(cooling[slot]))
         if c.action in ADDITIVE_ACTIONS:
-            assert n + 1 <= cfg.max_experts_per_layer and n < e
+            assert n + 1 <= cfg.lifecycle.max_experts_per_layer and n < e
         else:
-            assert n - 1 >= cfg.min_experts_per_layer
+            assert n - 1 >= cfg.lifecycle.min_experts_per_layer
         assert c.reason
 
 
@@ -276,7 +277,7 @@ def test_select_edit_does_nothing_unless_min_improvement_is_beaten() -> None:
 
 def test_select_edits_emergency_allows_only_additive_edits_early() -> None:
     per_layer = {0: [_cand(0, "prune", -0.5), _cand(0, "split", -0.1)], 1: [_cand(1, "merge", -0.4)]}
-    cfg = replace(CFG, max_edits_per_cycle=5)
+    cfg = lifecycle_config(max_edits_per_cycle=5)
     early = select_edits(per_layer, cfg, cooldown_ok=[True, True], emergency=[True, True], review_due=False)
     assert early[0].edit is not None and early[0].edit.action == "split" and "emergency" in early[0].reason
     assert early[1].do_nothing  # merge waits for the regular review
@@ -295,7 +296,7 @@ def test_select_edits_respects_max_edits_per_cycle_across_layers() -> None:
     }
     flags = [True] * 4
     for budget, kept in ((0, []), (1, [1]), (2, [1, 2]), (3, [0, 1, 2]), (9, [0, 1, 2])):
-        out = select_edits(per_layer, replace(CFG, max_edits_per_cycle=budget), flags, [False] * 4, review_due=True)
+        out = select_edits(per_layer, lifecycle_config(max_edits_per_cycle=budget), flags, [False] * 4, review_due=True)
         assert [d.layer_id for d in out] == [0, 1, 2, 3]
         assert [d.layer_id for d in out if d.edit is not None] == kept
         assert all("budget" in d.reason for d in out if d.edit is None and d.layer_id in (0, 1, 2))
@@ -323,11 +324,11 @@ def test_validation() -> None:
     with pytest.raises(ValueError, match="starvation"):
         free_energy(make_view(starvation=1.5), CFG)
     with pytest.raises(ValueError, match="bimodality_threshold"):
-        ObjectiveParams(bimodality_threshold=-0.1)
+        ObjectiveConfig(bimodality_threshold=-0.1)
     for name, bad in (("prune_coherence_floor", 1.5), ("merge_min_redundancy", -0.1), ("starvation_floor", 1.0),
                       ("prune_min_absorbable", 2.0)):
         with pytest.raises(ValueError, match=name):
-            ObjectiveParams(**{name: bad})
+            ObjectiveConfig(**{name: bad})
 
 
 def test_select_edits_requires_a_flag_per_layer() -> None:

@@ -3,10 +3,9 @@
 
 import pytest
 import torch
-from helpers import tree_equal
+from helpers import lifecycle_config, tree_equal
 
 from chronomoe_v3.adapters import banks_for
-from chronomoe_v3.config import ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.ops import OptimizerSurgery, merge, prune, restore, spawn, split
 from chronomoe_v3.ops.registry import EditError, ExpertRegistry
@@ -22,7 +21,7 @@ def rig():
     layer = ChronoMoELayer(4, 4, E, 2, router_bias=True)
     layer.active_mask[4:] = False
     banks = banks_for(layer)
-    registry = ExpertRegistry([layer.active_mask], ChronoConfig(min_experts_per_layer=3, max_experts_per_layer=5))
+    registry = ExpertRegistry([layer.active_mask], lifecycle_config(min_experts_per_layer=3, max_experts_per_layer=5))
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
     surgery = OptimizerSurgery(opt, [banks])
     for _ in range(2):
@@ -96,7 +95,7 @@ def test_limits_on_the_number_of_experts(rig):
 
 def test_full_layer_has_no_free_slot():
     layer = ChronoMoELayer(4, 4, 3, 2)
-    registry = ExpertRegistry([torch.tensor([True, True, False])], ChronoConfig(max_experts_per_layer=8))
+    registry = ExpertRegistry([torch.tensor([True, True, False])], lifecycle_config(max_experts_per_layer=8))
     layer.active_mask[2] = False
     banks = banks_for(layer)
     spawn(registry, banks, 0, step=1, parent=0)

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import lifecycle_config
 from torch import nn
 
 from chronomoe_v3 import compute_expert_stats
-from chronomoe_v3.adapters import LayerBanks, ModuleListBank, RouterBank, banks_for, register_bank_factory
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.adapters import LayerBanks, ModuleListBank, RouterBank, banks_for, register_adapter
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.ops import merge, prune, restore, spawn, split
 from chronomoe_v3.ops.registry import ExpertRegistry
@@ -49,9 +49,18 @@ class ListMoE(nn.Module):
         return out
 
 
-register_bank_factory(
-    ListMoE, lambda m: LayerBanks(ModuleListBank(m.experts), RouterBank.from_linear(m.gate), m.active_mask)
-)
+class ListAdapter:
+    """The banks of the adapter protocol (what the edit operations need)."""
+
+    def __init__(self, module: ListMoE) -> None:
+        self.module = module
+
+    def banks(self) -> LayerBanks:
+        m = self.module
+        return LayerBanks(ModuleListBank(m.experts), RouterBank.from_linear(m.gate), m.active_mask)
+
+
+register_adapter(ListMoE, ListAdapter)  # type: ignore[arg-type]
 
 
 class Setup:
@@ -68,7 +77,7 @@ class Setup:
             self.layer = ListMoE(top_k, live, bias)
         self.kind = kind
         self.banks = banks_for(self.layer)
-        config = ChronoConfig(min_experts_per_layer=2, max_experts_per_layer=E, split_perturbation_scale=0.0)
+        config = lifecycle_config(min_experts_per_layer=2, max_experts_per_layer=E, perturbation_scale=0.0)
         self.registry = ExpertRegistry([self.layer.active_mask], config)
         self.x = torch.randn(64, D, dtype=torch.float64)
         self.ptrs = [p.data_ptr() for p in self.layer.parameters()]

@@ -1,11 +1,11 @@
 """Random edit sequences never break the registry's invariants."""
 
 import torch
+from helpers import lifecycle_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chronomoe_v3.adapters import banks_for
-from chronomoe_v3.config import ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.ops import OptimizerSurgery, merge, prune, restore, spawn, split
 from chronomoe_v3.ops.registry import EditError, ExpertRegistry
@@ -65,7 +65,7 @@ def test_random_edit_sequences_keep_the_invariants(ops, seed):
     layer = ChronoMoELayer(4, 4, E, 2, router_bias=seed % 2 == 0)
     layer.active_mask[3:] = False
     banks = banks_for(layer)
-    config = ChronoConfig(min_experts_per_layer=MIN, max_experts_per_layer=MAX, cooling_period=3)
+    config = lifecycle_config(min_experts_per_layer=MIN, max_experts_per_layer=MAX, cooling_period=3)
     registry = ExpertRegistry([layer.active_mask], config)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
     surgery = OptimizerSurgery(opt, [banks])

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import lifecycle_config
 from torch import nn
 
 from chronomoe_v3.adapters import LayerBanks, ModuleListBank, RouterBank, banks_for
-from chronomoe_v3.config import ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.ops import (
     OptimizerSurgery,
@@ -42,7 +42,7 @@ class Rig:
         self.layer = ChronoMoELayer(4, 4, E, 2, router_bias=True)
         self.layer.active_mask[LIVE:] = False
         self.banks = banks_for(self.layer)
-        self.registry = ExpertRegistry([self.layer.active_mask], ChronoConfig(max_experts_per_layer=E))
+        self.registry = ExpertRegistry([self.layer.active_mask], lifecycle_config(max_experts_per_layer=E))
         self.opt = make_opt(self.layer.parameters())
         self.surgery = OptimizerSurgery(self.opt, [self.banks], freeze_masked=freeze_masked) if surgery else None
         self.targets = {n: torch.randn_like(p) for n, p in self.layer.named_parameters()}
@@ -188,7 +188,7 @@ def test_per_expert_modules_get_a_fresh_state_entry():
     mask = torch.zeros(E, dtype=torch.bool)
     mask[:LIVE] = True
     banks = LayerBanks(ModuleListBank(experts), RouterBank.from_linear(gate), mask)
-    registry = ExpertRegistry([mask], ChronoConfig(max_experts_per_layer=E))
+    registry = ExpertRegistry([mask], lifecycle_config(max_experts_per_layer=E))
     opt = torch.optim.AdamW([*experts.parameters(), *gate.parameters()], lr=1e-3)
     surgery = OptimizerSurgery(opt, [banks])
     x = torch.randn(8, 4)
@@ -222,7 +222,7 @@ def test_surgery_hooks_add_no_host_sync_per_step(fused):
     layer = ChronoMoELayer(16, 16, E, 2, router_bias=True, device="cuda")
     layer.active_mask[LIVE:] = False
     banks = banks_for(layer)
-    registry = ExpertRegistry([layer.active_mask], ChronoConfig(max_experts_per_layer=E))
+    registry = ExpertRegistry([layer.active_mask], lifecycle_config(max_experts_per_layer=E))
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, fused=fused)
     surgery = OptimizerSurgery(opt, [banks])
     for p in layer.parameters():

@@ -1,17 +1,19 @@
 import io
 import math
+from dataclasses import replace
 
 import pytest
 import torch
-from helpers import tree_equal
+from helpers import lifecycle_config, tree_equal
 
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.config import BasinConfig, ChronoConfig
 from chronomoe_v3.ops.basin import BasinHistory
 from chronomoe_v3.ops.registry import EditError, ExpertRegistry, expert_id
 
 
 def _registry(**cfg):
-    config = ChronoConfig(**{"max_experts_per_layer": 6, "cooling_period": 10, "basin_window_size": 3, **cfg})
+    fields = {"max_experts_per_layer": 6, "cooling_period": 10, **cfg}
+    config = replace(lifecycle_config(**fields), basins=BasinConfig(history=3))
     masks = [torch.tensor([True, True, True, False, False, False]), torch.tensor([True, True, False, False])]
     return ExpertRegistry(masks, config)
 
@@ -70,9 +72,9 @@ def test_transitions_validate_and_change_nothing_on_error():
 
 def test_initial_counts_respect_the_limits():
     with pytest.raises(ValueError, match="starts with 1 active experts"):
-        ExpertRegistry([torch.tensor([True, False, False])], ChronoConfig(min_experts_per_layer=2))
+        ExpertRegistry([torch.tensor([True, False, False])], lifecycle_config(min_experts_per_layer=2))
     with pytest.raises(ValueError, match="starts with 4 active"):
-        config = ChronoConfig(max_experts_per_layer=3, min_experts_per_layer=1)
+        config = lifecycle_config(max_experts_per_layer=3, min_experts_per_layer=1)
         ExpertRegistry([torch.ones(4, dtype=torch.bool)], config)
 
 
@@ -143,7 +145,6 @@ def test_archive_keeps_at_most_capacity_parked_experts():
     import torch
 
     from chronomoe_v3.adapters import banks_for
-    from chronomoe_v3.config import ChronoConfig
     from chronomoe_v3.layers import ChronoMoELayer
     from chronomoe_v3.ops import prune, restore, spawn
     from chronomoe_v3.ops.registry import EditError, ExpertRegistry
@@ -151,8 +152,8 @@ def test_archive_keeps_at_most_capacity_parked_experts():
     torch.manual_seed(0)
     layer = ChronoMoELayer(4, 4, 6, 1)
     banks = banks_for(layer)
-    registry = ExpertRegistry([layer.active_mask], ChronoConfig(min_experts_per_layer=1, max_experts_per_layer=6,
-                                                              archive_capacity=2))
+    config = lifecycle_config(min_experts_per_layer=1, max_experts_per_layer=6, archive_capacity=2)
+    registry = ExpertRegistry([layer.active_mask], config)
     pruned = [prune(registry, banks, 0, slot, step=1).ended_ids[0] for slot in (0, 1, 2)]
     assert registry.archived_ids() == pruned[1:]  # the oldest parked weights were dropped
     with pytest.raises(EditError, match="no parked weights"):

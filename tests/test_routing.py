@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.config import BiasConfig, ChronoConfig
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.routing import route_topk, route_with_bias
 
@@ -35,7 +35,7 @@ def test_masked_expert_with_huge_slow_bias_gets_no_tokens_in_the_layer():
     torch.manual_seed(0)
     layer = ChronoMoELayer(8, 16, 4, 1)
     layer.active_mask[2] = False
-    bias = layer.attach_slow_bias(ChronoConfig(beta_max=1e4, beta_min=-1e4))
+    bias = layer.attach_slow_bias(ChronoConfig(bias=BiasConfig(beta_max=1e4, beta_min=-1e4)))
     bias.set_beta(torch.tensor([0.0, 0.0, 1e4, 0.0]))
     seen = []
     layer.add_observer(seen.append)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from chronomoe_v3 import ChronoConfig, ChronoSystem, load_decisions
+from chronomoe_v3.config import LifecycleConfig
 from chronomoe_v3.telemetry import load_manifest, load_snapshots
 from chronomoe_v3.toy.models import TinyMoELM
 
@@ -16,7 +17,7 @@ def _run(tmp_path, steps=6, tokens=True):
     vocab = [chr(ord("a") + i) for i in range(20)]
     model = TinyMoELM(20, d_model=16, n_heads=2, d_ff=16, max_experts=6, top_k=2, num_active=5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    config = ChronoConfig(lifecycle_eval_interval=2, max_experts_per_layer=6)
+    config = ChronoConfig(lifecycle=LifecycleConfig(eval_interval=2, max_experts_per_layer=6))
     system = ChronoSystem(model, config=config, run_id="r1", output_dir=tmp_path)
     system.attach_optimizer(opt)
     if tokens:
@@ -41,7 +42,7 @@ def test_run_directory_files(tmp_path):
     meta = manifest["metadata"]
     assert meta["format"] == 1 and meta["model"] == "TinyMoELM" and meta["library"] == "chronomoe-v3"
     assert [lay["num_slots"] for lay in meta["layers"]] == [6, 6]
-    assert meta["config"]["lifecycle_eval_interval"] == 2
+    assert meta["config"]["lifecycle"]["eval_interval"] == 2
     assert manifest["files"]["readings"] == "readings.jsonl"
     lines = [json.loads(s) for s in (run_dir / "readings.jsonl").read_text().splitlines()]
     assert [r["call"] for r in lines] == list(range(1, 7))
@@ -92,15 +93,16 @@ def test_token_basins_count_the_routed_ids_exactly():
     system.observe_tokens(x)
     model(x)
     handle.remove()
-    assert system.token_basins is not None
-    table = system.token_basins.counts[0]
+    tokens = system.observers[0].tokens
+    assert tokens is not None
+    table = tokens.counts
     expected = torch.zeros_like(table)
     for t, tok in enumerate(x.reshape(-1).tolist()):
         for e in routed[0][t].tolist():
             expected[e, tok] += 1
     assert torch.equal(table, expected)
     model(x)  # the ids were for one forward only: a second forward is not counted again
-    assert torch.equal(system.token_basins.counts[0], expected)
+    assert torch.equal(tokens.counts, expected)
     with pytest.raises(ValueError, match="integer tensor"):
         system.observe_tokens(torch.zeros(3))
     with pytest.raises(ValueError, match="loss"):
@@ -115,6 +117,7 @@ def test_token_basins_survive_a_checkpoint(tmp_path):
     model = TinyMoELM(20, d_model=16, n_heads=2, d_ff=16, max_experts=6, top_k=2, num_active=5)
     other = ChronoSystem(model, config=system.config)
     other.load_state_dict(loaded)
-    assert other.token_basins is not None and system.token_basins is not None
-    assert torch.equal(other.token_basins.counts, system.token_basins.counts)
+    for mine, theirs in zip(other.observers, system.observers, strict=True):
+        assert mine.tokens is not None and theirs.tokens is not None
+        assert torch.equal(mine.tokens.counts, theirs.tokens.counts)
     assert other.vocabulary == system.vocabulary

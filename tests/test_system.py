@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from chronomoe_v3.config import ChronoConfig
+from chronomoe_v3.config import BasinConfig, ChronoConfig, DegradeConfig, LifecycleConfig, ObjectiveConfig
 from chronomoe_v3.governance.controller import Controller
 from chronomoe_v3.layers import ChronoMoELayer
 from chronomoe_v3.lifecycle.decisions import load_decisions
@@ -22,8 +22,10 @@ from chronomoe_v3.toy.models import TinyMoELM
 torch.set_num_threads(1)
 
 FAST = ChronoConfig(
-    lifecycle_eval_interval=3, cooldown_steps=6, cooling_period=6, min_observations_to_flag=5,
-    min_observations_to_judge=5, basin_window_size=8,
+    lifecycle=LifecycleConfig(eval_interval=3, cooldown_steps=6, cooling_period=6),
+    degrade=DegradeConfig(min_observations=5),
+    objective=ObjectiveConfig(min_observations_to_judge=5, fired_window=8),
+    basins=BasinConfig(history=8),
 )
 
 
@@ -68,7 +70,7 @@ def test_eval_forwards_do_not_update_state() -> None:
     with torch.no_grad():
         model(_batch(0))
     assert system.global_step == 0
-    assert all(int(st.coherence.step) == 0 for st in system.states)
+    assert all(int(st.coherence.step) == 0 for st in system.observers)
     model.train()
     model(_batch(0))
     assert system.layer_steps == [1, 1]
@@ -140,10 +142,10 @@ def test_state_dict_is_weights_only_safe_and_load_validates(tmp_path: Path) -> N
 
     other = ChronoSystem(TinyMoELM(24, d_model=16, n_layers=2, n_heads=2, d_ff=16, max_experts=5, top_k=2,
                                    num_active=4), config=FAST)
-    before = {k: v.clone() for k, v in other.states[0].state_dict().items()}
+    before = {k: v.clone() for k, v in other.observers[0].state_dict().items()}
     with pytest.raises(ValueError, match="expects"):
         other.load_state_dict(state)
-    after = other.states[0].state_dict()
+    after = other.observers[0].state_dict()
     assert all(torch.allclose(before[k].double(), after[k].double(), rtol=0, atol=0, equal_nan=True) for k in before)
     assert other.global_step == 0
 

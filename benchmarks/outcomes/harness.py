@@ -137,7 +137,8 @@ def chrono_config(spec: RunSpec) -> ChronoConfig:
     """The library's defaults; the only change is the width bound where the model is wider than it."""
     config = ChronoConfig()
     slots = spec.protocol.over_slots if spec.scenario == "over" else spec.protocol.slots
-    return replace(config, max_experts_per_layer=max(config.max_experts_per_layer, slots))
+    bound = max(config.lifecycle.max_experts_per_layer, slots)
+    return replace(config, lifecycle=replace(config.lifecycle, max_experts_per_layer=bound))
 
 
 @torch.no_grad()

@@ -3,7 +3,8 @@
 `review` proposes and scores candidate edits for every layer (`objective.propose_edits`) and selects under
 the cycle's rules (`objective.select_edits`: cooldowns, emergencies, budget). `apply_edit` executes one
 selected edit on real weights through `ops` (optimiser surgery included) and carries the per-slot state
-along: coherence clocks, bimodality detector and slow bias beta. `decision_record` writes the SPEC 9 line.
+along: router side (slow bias beta, an aux-loss-free balancer's bias) here, fast state (clocks, detector,
+co-routing, token basins) through `LayerObserver.on_edit`. `decision_record` writes the SPEC 9 line.
 Nothing here knows the system: callers pass the registry, the layer's banks and its state objects.
 
 Per-slot state after an edit:
@@ -12,7 +13,8 @@ Per-slot state after an edit:
   (`log 2` for equal rows) is added to the survivor's beta (clipped to the beta bounds);
 - split: both children inherit the parent's clock history (they are `cooling`, so never judged on it);
   the detector hands role 1 to the child in the parent's slot and role 2 to the new slot. The children's
-  router rows separate the two roles (`split_router_margin`, default `SPLIT_ROUTER_MARGIN`): anchored at the
+  router rows separate the two roles (`config.lifecycle.split_router_margin`, default 2: at its role's mean
+  router input a child takes 1 / (1 + e^-4) = 98% of the parent's routing mass): anchored at the
   detector's per-role mean router inputs, each child keeps the parent's logit for its own role's tokens and
   sits `2 * margin` below it for the other role's (`ops.split`), so the roles go to different children even
   under top-1 routing, where the router may get no gradient to break a tie. Without usable anchors (never
@@ -20,7 +22,9 @@ Per-slot state after an edit:
   plus the op's mass-preserving shift (`-log(1 + exp(-2 margin))`; `-log 2` at margin 0) where the router
   has no bias (clipped), i.e. at or below it;
 - spawn: the new slot starts fresh with beta 0. The clone parent (`clone_and_perturb`) is the most used
-  judged expert of the layer.
+  judged expert of the layer;
+- an aux-loss-free balancer's bias (`balance.reset_expert_bias`): a new expert takes the mean bias of the
+  layer's other live experts (a split child: its sibling's), a masked slot returns to 0.
 """
 
 from __future__ import annotations
@@ -33,20 +37,18 @@ import torch
 from torch import Tensor
 
 from ..adapters import LayerBanks
+from ..balance import reset_expert_bias
 from ..bias import SlowBias
 from ..config import ChronoConfig
 from ..observe.bimodality import BimodalityState
 from ..observe.coherence import CoherenceState
+from ..observe.observer import LayerObserver
 from ..ops import EditError, EditRecord, ExpertRegistry, OptimizerSurgery, merge, prune, spawn, split
 from ..ops.common import separating_offsets
 from ..view import LayerView
 from .decisions import CompetingEdit, DecisionRecord, ExpertCoherence, PredictedFreeEnergy
-from .objective import EditCandidate, LayerDecision, ObjectiveParams, propose_edits
+from .objective import EditCandidate, LayerDecision, propose_edits
 from .select import select_edits
-
-# Split children's router margin: at its role's mean router input a child takes 1 / (1 + e^-4) = 98% of
-# the parent's routing mass (the sibling the rest).
-SPLIT_ROUTER_MARGIN = 2.0
 
 
 @dataclass(frozen=True)
@@ -66,12 +68,13 @@ class LifecycleAction:
 
 @dataclass
 class LayerParts:
-    """What an edit of one layer touches besides the registry."""
+    """What an edit of one layer touches besides the registry: its weights (`banks`), its fast state
+    (`observer`), and its router-side per-slot state (the slow bias, an aux-loss-free balancer's bias)."""
 
     banks: LayerBanks
-    coherence: CoherenceState
-    bimodality: BimodalityState
-    bias: SlowBias | None
+    observer: LayerObserver
+    bias: SlowBias | None = None
+    selection_bias: Tensor | None = None
 
 
 def review(
@@ -81,10 +84,9 @@ def review(
     cooldown_ok: Mapping[int, bool],
     emergency: Mapping[int, bool],
     review_due: bool,
-    params: ObjectiveParams | None = None,
 ) -> list[LayerDecision]:
     """Propose and score candidates for each layer, then select under the cycle's rules."""
-    candidates = {lid: propose_edits(view, config, params) for lid, view in views.items()}
+    candidates = {lid: propose_edits(view, config) for lid, view in views.items()}
     return select_edits(candidates, config, cooldown_ok, emergency, review_due=review_due)
 
 
@@ -98,7 +100,7 @@ def _set_beta(bias: SlowBias | None, slot: int, value: float) -> None:
     if bias is None:
         return
     c = bias.config
-    v = min(max(value, c.beta_min), c.beta_max)
+    v = min(max(value, c.bias.beta_min), c.bias.beta_max)
     bias.set_beta(v, _slot_mask(bias.num_experts, [slot], bias.beta.device))
 
 
@@ -115,16 +117,15 @@ def apply_edit(
     step: int,
     generator: torch.Generator | None = None,
     surgery: OptimizerSurgery | None = None,
-    split_router_margin: float = SPLIT_ROUTER_MARGIN,
 ) -> EditRecord:
-    """Execute one selected edit on the layer's weights, registry and optimiser, and update per-slot state.
+    """Execute one selected edit on the layer's weights, registry and optimiser, then carry the per-slot state:
+    router side here (beta, the balancer's bias), fast state through `parts.observer.on_edit(record)`.
 
     `view` is the (host) LayerView the edit was chosen from (usage weights for merge, clone parent for spawn).
     """
     layer = edit.layer_id
-    banks, coh, bim, bias = parts.banks, parts.coherence, parts.bimodality, parts.bias
-    e = banks.num_slots
-    device = coh.step.device
+    banks, bim, bias = parts.banks, parts.observer.bimodality, parts.bias
+    split_router_margin = parts.observer.config.lifecycle.split_router_margin
     view = view.to_host()
     share = torch.nan_to_num(view.share_slow, nan=0.0)
     if edit.action == "prune":
@@ -149,8 +150,6 @@ def apply_edit(
             router_margin=split_router_margin if anchors is not None else 0.0, router_anchors=anchors,
         )
         target = record.fresh_slots[0]
-        coh.copy_expert(parent, target)
-        bim.split_expert(parent, parent, target)
         for child in (parent, target):
             shift = 0.0 if record.logit_shift_applied else record.logit_shift[child]
             _set_beta(bias, child, parent_beta + shift)
@@ -164,13 +163,12 @@ def apply_edit(
         )
     else:
         raise ValueError(f"edit action {edit.action!r} is invalid: expected prune, merge, split or spawn")
-    fresh = list(record.parked_slots) + ([] if edit.action == "split" else list(record.fresh_slots))
-    if fresh:
-        mask = _slot_mask(e, fresh, device)
-        coh.reset_experts(mask)
-        bim.reset_experts(mask)
-        for slot in fresh:
-            _set_beta(bias, slot, 0.0)
+    for slot in list(record.parked_slots) + ([] if edit.action == "split" else list(record.fresh_slots)):
+        _set_beta(bias, slot, 0.0)
+    if parts.selection_bias is not None:
+        sibling = record.kept_slots[0] if record.kind == "split" and record.kept_slots else None
+        reset_expert_bias(parts.selection_bias, banks.active_mask, record.fresh_slots, record.parked_slots, sibling)
+    parts.observer.on_edit(record)
     return record
 
 

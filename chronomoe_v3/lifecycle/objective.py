@@ -1,4 +1,4 @@
-"""The slow objective (SPEC 7): a layer's free energy, candidate edits with predicted effects, selection.
+"""The slow objective (SPEC 7): a layer's free energy and candidate edits with predicted effects.
 
 Everything here is a pure function of a `LayerView` (what the slow clock reads for one layer) and the
 config; it runs at `system.step()` time, where host transfers are allowed, and returns Python floats.
@@ -27,7 +27,8 @@ router finds interchangeable with a neighbour f is served at f's coherence; the 
 it and keeps `min(phi_e, 0)` (a coherent expert's unique service is lost; stranding tokens is never
 credited).
 
-Candidates (never on cooling experts; "judged" = active, measured, >= `min_observations_to_judge`):
+Candidates, one `propose_<action>` per edit kind (never on cooling experts; "judged" = active, measured,
+>= `min_observations_to_judge`; every threshold lives in `ChronoConfig.objective`):
 - PRUNE (coherence): the judged expert with the lowest phi_slow, only if `phi_slow < prune_coherence_floor`
   (default 0: "even when used it is decoherent, persistently") and its best absorber takes
   `a >= prune_min_absorbable` (0.5) of its traffic. Misfit delta `(1 - s) w_e (phi_e - a phi_f -
@@ -50,11 +51,7 @@ Candidates (never on cooling experts; "judged" = active, measured, >= `min_obser
 Removing edits need `N - 1 >= min_experts_per_layer`; adding edits need `N + 1 <= max_experts_per_layer`
 and a free slot.
 
-Selection: per layer, the candidate with the lowest predicted delta_F is taken only if
-`delta_F < -min_improvement` (or it is a fallback prune); otherwise the layer does nothing. Globally,
-layers in cooldown do nothing; when the regular review is not due, only layers with an emergency flag
-are reviewed, and only additive edits (spawn, split) may be executed; then the best `max_edits_per_cycle`
-edits across layers (lowest delta_F first) are kept and the other layers do nothing.
+Selection under the cycle's rules is `select.py`.
 """
 
 from __future__ import annotations
@@ -64,52 +61,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import ChronoConfig
+from ..config import ChronoConfig, ObjectiveConfig
 from ..observe.coherence import layer_coherence
 from ..view import LayerView
 
 ACTIONS = ("prune", "merge", "split", "spawn")
 ADDITIVE_ACTIONS = ("spawn", "split")
 _EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class ObjectiveParams:
-    """Knobs of the slow objective that are not in ChronoConfig (defaults documented in the module)."""
-
-    bimodality_threshold: float = 0.2
-    redundancy_sharpness: float = 4.0
-    starvation_confidence: float = 0.2
-    prune_coherence_floor: float = 0.0
-    merge_min_redundancy: float = 0.5
-    starvation_floor: float = 0.15
-    prune_min_absorbable: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.prune_min_absorbable <= 1.0:
-            raise ValueError(
-                f"prune_min_absorbable={self.prune_min_absorbable!r} is invalid: expected a fraction in [0, 1]"
-            )
-        if not 0.0 <= self.starvation_floor < 1.0:
-            raise ValueError(f"starvation_floor={self.starvation_floor!r} is invalid: expected a fraction in [0, 1)")
-        if not 0.0 <= self.merge_min_redundancy <= 1.0:
-            raise ValueError(
-                f"merge_min_redundancy={self.merge_min_redundancy!r} is invalid: expected a value in [0, 1]"
-            )
-        if not -1.0 <= self.prune_coherence_floor <= 1.0:
-            raise ValueError(
-                f"prune_coherence_floor={self.prune_coherence_floor!r} is invalid: expected a coherence in [-1, 1]"
-            )
-        if not 0.0 <= self.bimodality_threshold < 2.0:
-            raise ValueError(
-                f"bimodality_threshold={self.bimodality_threshold!r} is invalid: expected a value in [0, 2)"
-            )
-        if not self.redundancy_sharpness > 0:
-            raise ValueError(f"redundancy_sharpness={self.redundancy_sharpness!r} is invalid: expected a value > 0")
-        if not 0.0 < self.starvation_confidence < 1.0:
-            raise ValueError(
-                f"starvation_confidence={self.starvation_confidence!r} is invalid: expected a value in (0, 1)"
-            )
 
 
 @dataclass(frozen=True)
@@ -212,9 +170,9 @@ def _pair_overlap(view: LayerView) -> Tensor:
     return torch.where(row_is_less, o, o.T)
 
 
-def redundancy_matrix(view: LayerView, params: ObjectiveParams | None = None) -> Tensor:
+def redundancy_matrix(view: LayerView, params: ObjectiveConfig | None = None) -> Tensor:
     """[E, E] symmetric pair scores r_ef (zero diagonal, zero where either expert is unmeasured)."""
-    params = params if params is not None else ObjectiveParams()
+    params = params if params is not None else ObjectiveConfig()
     view = view.to_host()
     _, measured = _masks(view)
     role = torch.nan_to_num(view.role, nan=0.0)
@@ -227,22 +185,22 @@ def redundancy_matrix(view: LayerView, params: ObjectiveParams | None = None) ->
     return torch.where(pair, r, 0.0)
 
 
-def _excess_bimodality(view: LayerView, in_play: Tensor, params: ObjectiveParams) -> Tensor:
+def _excess_bimodality(view: LayerView, in_play: Tensor, params: ObjectiveConfig) -> Tensor:
     b = torch.nan_to_num(view.bimodality, nan=0.0)
     return torch.where(in_play, (b - params.bimodality_threshold).clamp_min(0.0), 0.0)
 
 
-def free_energy(view: LayerView, config: ChronoConfig, params: ObjectiveParams | None = None) -> FreeEnergy:
+def free_energy(view: LayerView, config: ChronoConfig) -> FreeEnergy:
     """F of one layer as its four weighted terms (see the module docstring)."""
-    params = params if params is not None else ObjectiveParams()
+    params = config.objective
     view = view.to_host()
     in_play, measured = _masks(view)
     r = redundancy_matrix(view, params)
     return FreeEnergy(
         misfit=1.0 - (1.0 - float(view.starvation)) * _psi(view, measured),
-        complexity=config.lambda_complexity * int(in_play.sum()),
-        redundancy=config.rho_redundancy * float(r.sum()) / 2.0,
-        instability=config.kappa_instability * float(_excess_bimodality(view, in_play, params).sum()),
+        complexity=config.objective.lambda_complexity * int(in_play.sum()),
+        redundancy=config.objective.rho_redundancy * float(r.sum()) / 2.0,
+        instability=config.objective.kappa_instability * float(_excess_bimodality(view, in_play, params).sum()),
     )
 
 
@@ -259,118 +217,185 @@ def _moved_traffic_misfit(phi_e: float, w_e: float, absorbable: float, phi_f: fl
     return w_e * (phi_e - after)
 
 
-def propose_edits(
-    view: LayerView, config: ChronoConfig, params: ObjectiveParams | None = None
-) -> list[EditCandidate]:
-    """Candidate edits of one layer (at most one per kind, plus one fallback prune), each with its
-    predicted component deltas and a reason. Cooling experts are never proposed; bounds are respected."""
-    params = params if params is not None else ObjectiveParams()
+@dataclass(frozen=True)
+class _Layer:
+    """What every proposal of one review of one layer reads (computed once per layer and review)."""
+
+    view: LayerView
+    config: ChronoConfig
+    f_before: float
+    psi: float
+    served: float  # 1 - starvation: Psi enters the misfit as (1 - s) * Psi (starved tokens fit no expert)
+    shares: Tensor  # slow shares renormalised over measured experts
+    redundancy: Tensor
+    overlap: Tensor
+    excess: Tensor
+    measured: Tensor
+    judged: Tensor  # active, not cooling, measured, observed >= min_observations_to_judge
+    eligible: Tensor  # active, not cooling
+    n_in_play: int
+
+    @property
+    def can_remove(self) -> bool:
+        return self.n_in_play - 1 >= self.config.lifecycle.min_experts_per_layer
+
+    @property
+    def can_add(self) -> bool:
+        cap = self.config.lifecycle.max_experts_per_layer
+        return self.n_in_play + 1 <= cap and self.n_in_play < self.view.num_slots
+
+    def removal(self, e: int) -> tuple[float, float]:
+        """The redundancy and instability deltas of removing expert e (its pairs and its excess leave)."""
+        c = self.config.objective
+        return -c.rho_redundancy * float(self.redundancy[e].sum()), -c.kappa_instability * float(self.excess[e])
+
+
+def _layer(view: LayerView, config: ChronoConfig) -> _Layer:
     view = view.to_host()
-    layer = view.layer_id
+    params = config.objective
     in_play, measured = _masks(view)
-    f_before = free_energy(view, config, params)
-    big_f = f_before.total
-    psi = _psi(view, measured)
-    s = float(view.starvation)
-    served = 1.0 - s  # Psi enters the misfit as (1 - s) * Psi: starved tokens fit no expert
-    w = _shares(view, measured)
-    r = redundancy_matrix(view, params)
-    overlap = routing_overlap(view)
-    excess = _excess_bimodality(view, in_play, params)
-    lam, rho, kappa = config.lambda_complexity, config.rho_redundancy, config.kappa_instability
-    n_in_play = int(in_play.sum())
-    can_remove = n_in_play - 1 >= config.min_experts_per_layer
-    can_add = n_in_play + 1 <= config.max_experts_per_layer and n_in_play < view.num_slots
     eligible = view.active & ~view.cooling
-    judged = eligible & measured & (view.observations >= config.min_observations_to_judge)
-    phi = view.phi_slow
+    return _Layer(
+        view=view, config=config, f_before=free_energy(view, config).total, psi=_psi(view, measured),
+        served=1.0 - float(view.starvation), shares=_shares(view, measured),
+        redundancy=redundancy_matrix(view, params), overlap=routing_overlap(view),
+        excess=_excess_bimodality(view, in_play, params), measured=measured,
+        judged=eligible & measured & (view.observations >= params.min_observations_to_judge),
+        eligible=eligible, n_in_play=int(in_play.sum()),
+    )
+
+
+def propose_prune(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
+    """PRUNE (coherence): the worst judged expert, only when persistently decoherent (phi_slow below the
+    floor) and its traffic is absorbable; and the utilisation-fallback prune of a never-firing expert."""
+    L = layer if layer is not None else _layer(view, config)
+    v, params = L.view, config.objective
+    lid = v.layer_id
+    lam = config.objective.lambda_complexity
     out: list[EditCandidate] = []
-
-    def removal(e: int) -> tuple[float, float]:
-        return -rho * float(r[e].sum()), -kappa * float(excess[e])
-
-    if can_remove:
-        # PRUNE: the worst judged expert, only when persistently decoherent (phi_slow below the floor).
-        prunable = judged & (phi < params.prune_coherence_floor) & (w < 1.0 - 1e-9)
-        if bool(prunable.any()):
-            e = int(torch.where(prunable, phi, float("inf")).argmin())
-            others = measured.clone()
-            others[e] = False
-            f = int(torch.where(others, overlap[e], -1.0).argmax())
-            a = float(overlap[e, f]) if bool(others[f]) else 0.0
-            phi_f = float(phi[f]) if bool(others[f]) else 0.0
-            if a >= params.prune_min_absorbable:  # otherwise its tokens have nowhere to go: keep it
-                misfit = served * _moved_traffic_misfit(float(phi[e]), float(w[e]), a, phi_f)
-                red, ins = removal(e)
-                out.append(EditCandidate(
-                    "prune", layer, e, big_f, FreeEnergy(misfit, -lam, red, ins),
-                    f"L{layer} E{e}: persistently decoherent, phi_slow={float(phi[e]):.3f} < floor "
-                    f"{params.prune_coherence_floor} over {int(view.observations[e])} observations (share "
-                    f"{float(w[e]):.3f}); {a:.0%} of its traffic absorbable by E{f} (phi_slow={phi_f:.3f})",
-                ))
-        # PRUNE, utilisation fallback: never fired over the window, hence unmeasurable.
-        dead = eligible & ~view.fired
-        if bool(dead.any()):
-            e = int(dead.to(torch.int8).argmax())
-            red, ins = removal(e)
+    if not L.can_remove:
+        return out
+    phi, w = v.phi_slow, L.shares
+    prunable = L.judged & (phi < params.prune_coherence_floor) & (w < 1.0 - 1e-9)
+    if bool(prunable.any()):
+        e = int(torch.where(prunable, phi, float("inf")).argmin())
+        others = L.measured.clone()
+        others[e] = False
+        f = int(torch.where(others, L.overlap[e], -1.0).argmax())
+        a = float(L.overlap[e, f]) if bool(others[f]) else 0.0
+        phi_f = float(phi[f]) if bool(others[f]) else 0.0
+        if a >= params.prune_min_absorbable:  # otherwise its tokens have nowhere to go: keep it
+            misfit = L.served * _moved_traffic_misfit(float(phi[e]), float(w[e]), a, phi_f)
+            red, ins = L.removal(e)
             out.append(EditCandidate(
-                "prune", layer, e, big_f, FreeEnergy(0.0, -lam, red, ins),
-                f"L{layer} E{e}: never fired over the window (share == 0 on every step; "
-                f"{int(dead.sum())} such expert(s) in the layer): utilisation fallback",
-                fallback=True,
+                "prune", lid, e, L.f_before, FreeEnergy(misfit, -lam, red, ins),
+                f"L{lid} E{e}: persistently decoherent, phi_slow={float(phi[e]):.3f} < floor "
+                f"{params.prune_coherence_floor} over {int(v.observations[e])} observations (share "
+                f"{float(w[e]):.3f}); {a:.0%} of its traffic absorbable by E{f} (phi_slow={phi_f:.3f})",
             ))
-        # MERGE: the most redundant pair of judged experts; the more used one survives and absorbs the
-        # other's traffic (the router's interchangeability says how much of it the survivor can serve).
-        pair_ok = judged.unsqueeze(0) & judged.unsqueeze(1)
-        rr = torch.where(pair_ok, r, 0.0)
-        if float(rr.max()) > 0 and float(rr.max()) >= params.merge_min_redundancy:
-            flat = int(rr.argmax())
-            a, b = divmod(flat, view.num_slots)
-            share = torch.nan_to_num(view.share_slow, nan=0.0)
-            survivor, absorbed = (a, b) if (float(share[a]), -a) >= (float(share[b]), -b) else (b, a)
-            red, ins = removal(absorbed)
-            misfit = served * max(0.0, _moved_traffic_misfit(  # never credited with a coherence gain
-                float(phi[absorbed]), float(w[absorbed]), float(overlap[absorbed, survivor]), float(phi[survivor])
-            ))
-            out.append(EditCandidate(
-                "merge", layer, absorbed, big_f, FreeEnergy(misfit, -lam, red, ins),
-                f"L{layer} E{absorbed} into E{survivor}: most redundant pair r={float(rr[a, b]):.3f} "
-                f"(role cos {float(_cos(view.role[a], view.role[b])):.3f}, phi_slow {float(phi[a]):.3f}/"
-                f"{float(phi[b]):.3f}, routing overlap {float(overlap[a, b]):.3f})",
-                partner_id=survivor,
-            ))
-    if can_add:
-        # SPLIT: the most bimodal judged expert, only above the bimodality threshold.
-        bim = torch.where(judged, excess, 0.0)
-        if float(bim.max()) > 0:
-            e = int(bim.argmax())
-            misfit, detail = 0.0, "centroid coherence unknown: misfit predicted unchanged"
-            if view.centroid_phi is not None and bool(torch.isfinite(view.centroid_phi[:, e]).all()):
-                q = (view.centroid_weights[:, e] if view.centroid_weights is not None
-                     else torch.full((2,), 0.5, dtype=torch.float64))
-                q = q / q.sum() if float(q.sum()) > 0 else torch.full((2,), 0.5, dtype=torch.float64)
-                phi_children = float((q * view.centroid_phi[:, e]).sum())
-                misfit = served * float(w[e]) * (float(phi[e]) - phi_children)
-                detail = (f"children's coherence {phi_children:.3f} vs parent {float(phi[e]):.3f} "
-                          "(predicted at the split)")
-            out.append(EditCandidate(
-                "split", layer, e, big_f, FreeEnergy(misfit, lam, 0.0, -kappa * float(excess[e])),
-                f"L{layer} E{e}: most bimodal expert, bimodality={float(view.bimodality[e]):.3f} "
-                f"(threshold {params.bimodality_threshold}); {detail}",
-            ))
-        # SPAWN: starved tokens while the experts themselves are coherent.
-        if s > params.starvation_floor and bool(judged.any()):
-            median_phi = float(phi[judged].median())
-            if median_phi > params.prune_coherence_floor:
-                taken = min(s, 1.0 / (n_in_play + 1))
-                out.append(EditCandidate(
-                    "spawn", layer, None, big_f, FreeEnergy(-taken * max(psi, 0.0), lam, 0.0, 0.0),
-                    f"L{layer}: {s:.1%} of tokens fit no expert (starvation) while experts are coherent "
-                    f"(median phi_slow={median_phi:.3f} > floor {params.prune_coherence_floor}); a new expert is "
-                    f"predicted to serve {taken:.1%} of the traffic (at most its fair share 1/{n_in_play + 1}) "
-                    f"at the layer's Psi={psi:.3f}",
-                ))
+    # utilisation fallback: never fired over the window, hence unmeasurable.
+    dead = L.eligible & ~v.fired
+    if bool(dead.any()):
+        e = int(dead.to(torch.int8).argmax())
+        red, ins = L.removal(e)
+        out.append(EditCandidate(
+            "prune", lid, e, L.f_before, FreeEnergy(0.0, -lam, red, ins),
+            f"L{lid} E{e}: never fired over the window (share == 0 on every step; "
+            f"{int(dead.sum())} such expert(s) in the layer): utilisation fallback",
+            fallback=True,
+        ))
     return out
+
+
+def propose_merge(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
+    """MERGE the most redundant pair of judged experts; the more used one survives and absorbs the other's
+    traffic (the router's interchangeability says how much of it the survivor can serve)."""
+    L = layer if layer is not None else _layer(view, config)
+    v, params = L.view, config.objective
+    if not L.can_remove:
+        return []
+    pair_ok = L.judged.unsqueeze(0) & L.judged.unsqueeze(1)
+    rr = torch.where(pair_ok, L.redundancy, 0.0)
+    if not (float(rr.max()) > 0 and float(rr.max()) >= params.merge_min_redundancy):
+        return []
+    phi = v.phi_slow
+    flat = int(rr.argmax())
+    a, b = divmod(flat, v.num_slots)
+    share = torch.nan_to_num(v.share_slow, nan=0.0)
+    survivor, absorbed = (a, b) if (float(share[a]), -a) >= (float(share[b]), -b) else (b, a)
+    red, ins = L.removal(absorbed)
+    misfit = L.served * max(0.0, _moved_traffic_misfit(  # never credited with a coherence gain
+        float(phi[absorbed]), float(L.shares[absorbed]), float(L.overlap[absorbed, survivor]), float(phi[survivor])
+    ))
+    return [EditCandidate(
+        "merge", v.layer_id, absorbed, L.f_before, FreeEnergy(misfit, -params.lambda_complexity, red, ins),
+        f"L{v.layer_id} E{absorbed} into E{survivor}: most redundant pair r={float(rr[a, b]):.3f} "
+        f"(role cos {float(_cos(v.role[a], v.role[b])):.3f}, phi_slow {float(phi[a]):.3f}/"
+        f"{float(phi[b]):.3f}, routing overlap {float(L.overlap[a, b]):.3f})",
+        partner_id=survivor,
+    )]
+
+
+def propose_split(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
+    """SPLIT the most bimodal judged expert above the bimodality threshold; the children's coherence is
+    predicted by the detector (`centroid_phi`), so the misfit term compares like with like."""
+    L = layer if layer is not None else _layer(view, config)
+    v, params = L.view, config.objective
+    if not L.can_add:
+        return []
+    bim = torch.where(L.judged, L.excess, 0.0)
+    if not float(bim.max()) > 0:
+        return []
+    e = int(bim.argmax())
+    phi = v.phi_slow
+    misfit, detail = 0.0, "centroid coherence unknown: misfit predicted unchanged"
+    if v.centroid_phi is not None and bool(torch.isfinite(v.centroid_phi[:, e]).all()):
+        q = (v.centroid_weights[:, e] if v.centroid_weights is not None
+             else torch.full((2,), 0.5, dtype=torch.float64))
+        q = q / q.sum() if float(q.sum()) > 0 else torch.full((2,), 0.5, dtype=torch.float64)
+        phi_children = float((q * v.centroid_phi[:, e]).sum())
+        misfit = L.served * float(L.shares[e]) * (float(phi[e]) - phi_children)
+        detail = (f"children's coherence {phi_children:.3f} vs parent {float(phi[e]):.3f} "
+                  "(predicted at the split)")
+    delta = FreeEnergy(misfit, params.lambda_complexity, 0.0, -params.kappa_instability * float(L.excess[e]))
+    return [EditCandidate(
+        "split", v.layer_id, e, L.f_before, delta,
+        f"L{v.layer_id} E{e}: most bimodal expert, bimodality={float(v.bimodality[e]):.3f} "
+        f"(threshold {params.bimodality_threshold}); {detail}",
+    )]
+
+
+def propose_spawn(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
+    """SPAWN when tokens are starved while the experts themselves are coherent: the new expert is predicted to
+    serve a starved share (at most its fair share) at the layer's coherence."""
+    L = layer if layer is not None else _layer(view, config)
+    v, params = L.view, config.objective
+    s = float(v.starvation)
+    if not (L.can_add and s > params.starvation_floor and bool(L.judged.any())):
+        return []
+    median_phi = float(v.phi_slow[L.judged].median())
+    if not median_phi > params.prune_coherence_floor:
+        return []
+    n = L.n_in_play
+    taken = min(s, 1.0 / (n + 1))
+    return [EditCandidate(
+        "spawn", v.layer_id, None, L.f_before,
+        FreeEnergy(-taken * max(L.psi, 0.0), params.lambda_complexity, 0.0, 0.0),
+        f"L{v.layer_id}: {s:.1%} of tokens fit no expert (starvation) while experts are coherent "
+        f"(median phi_slow={median_phi:.3f} > floor {params.prune_coherence_floor}); a new expert is "
+        f"predicted to serve {taken:.1%} of the traffic (at most its fair share 1/{n + 1}) "
+        f"at the layer's Psi={L.psi:.3f}",
+    )]
+
+
+PROPOSERS = (propose_prune, propose_merge, propose_split, propose_spawn)
+
+
+def propose_edits(view: LayerView, config: ChronoConfig) -> list[EditCandidate]:
+    """Candidate edits of one layer (at most one per kind, plus one fallback prune), each with its predicted
+    component deltas and a reason. Cooling experts are never proposed; bounds are respected."""
+    layer = _layer(view, config)
+    return [c for propose in PROPOSERS for c in propose(layer.view, config, layer)]
 
 
 def _cos(u: Tensor, v: Tensor) -> Tensor:

@@ -44,11 +44,11 @@ def select_edit(
             raise ValueError(f"allowed action {action!r} is invalid: expected one of {list(ACTIONS)}")
     ranked = tuple(sorted(candidates, key=_rank))
     allowed = [c for c in ranked if c.action in allowed_actions]
-    winners = [c for c in allowed if c.delta_F < -config.min_improvement or c.fallback]
+    winners = [c for c in allowed if c.delta_F < -config.objective.min_improvement or c.fallback]
     if winners:
         edit = winners[0]
-        why = ("utilisation fallback" if edit.fallback and edit.delta_F >= -config.min_improvement
-               else f"predicted delta_F={edit.delta_F:.4f} < -min_improvement={-config.min_improvement}")
+        why = ("utilisation fallback" if edit.fallback and edit.delta_F >= -config.objective.min_improvement
+               else f"predicted delta_F={edit.delta_F:.4f} < -min_improvement={-config.objective.min_improvement}")
         return LayerDecision(layer, edit, ranked, f"{edit.action}: {why}")
     if not ranked:
         return LayerDecision(layer, None, ranked, "do nothing: no candidate edit")
@@ -58,7 +58,7 @@ def select_edit(
     return LayerDecision(
         layer, None, ranked,
         f"do nothing: best candidate {best.action} predicts delta_F={best.delta_F:.4f}, "
-        f"not below -min_improvement={-config.min_improvement}",
+        f"not below -min_improvement={-config.objective.min_improvement}",
     )
 
 
@@ -90,7 +90,7 @@ def select_edits(
         ranked = tuple(sorted(candidates, key=_rank))
         if not _flag(cooldown_ok, layer, "cooldown_ok"):
             decisions[layer] = LayerDecision(layer, None, ranked, f"do nothing: layer cooling down "
-                                                                  f"(cooldown_steps={config.cooldown_steps})")
+                                                                  f"(cooldown_steps={config.lifecycle.cooldown_steps})")
         elif review_due:
             decisions[layer] = select_edit(candidates, config, layer_id=layer)
         elif _flag(emergency, layer, "emergency"):
@@ -101,10 +101,10 @@ def select_edits(
     chosen = sorted(
         ((d, d.edit) for d in decisions.values() if d.edit is not None), key=lambda pair: _rank(pair[1])
     )
-    for d, _ in chosen[config.max_edits_per_cycle:]:
+    for d, _ in chosen[config.lifecycle.max_edits_per_cycle:]:
         decisions[d.layer_id] = replace(
             d, edit=None,
-            reason=f"do nothing: cycle budget max_edits_per_cycle={config.max_edits_per_cycle} spent "
+            reason=f"do nothing: cycle budget max_edits_per_cycle={config.lifecycle.max_edits_per_cycle} spent "
                    f"(would have been: {d.reason})",
         )
     return [decisions[layer] for layer in sorted(decisions)]

@@ -39,13 +39,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..clocks import ema_debiased, ema_update
-from ..config import ChronoConfig
+from ..clocks import DebiasedEMA, ema_update
+from ..config import BimodalityConfig, ChronoConfig
 from ..trace import MoETrace
 
-DEFAULT_SAMPLES_PER_EXPERT = 8
-DEFAULT_SEED_COSINE = 0.9
-DEFAULT_RESEED_BALANCE = 0.05
+DEFAULT_SAMPLES_PER_EXPERT = BimodalityConfig().samples_per_expert
 _ABS_ZERO = 1e-30
 
 
@@ -122,19 +120,15 @@ class BimodalityState(nn.Module):
     """Two-centroid detector over E expert slots of width H (fp32 buffers, no host sync on update).
 
     Buffers: `centroid [2, E, H]` (c1, c2; unit rows, zero until seeded), `seeded [2, E]` bool,
-    `count [2, E]` decayed assignment counts (n1, n2), `centroid_phi_value / centroid_phi_decay [1, 2E]`
-    (EMA of each centroid's cosine to the coherence reference, debiased on read),
-    `router_mean_value [1, 2E, H_r] / router_mean_decay [1, 2E]` (EMA of the mean router input of the samples
-    each centroid won; `router_size` H_r defaults to H). A reseeded centroid forgets its readings.
+    `count [2, E]` decayed assignment counts (n1, n2); debiased EMAs (entry `j * E + e` is centroid j of
+    expert e): `centroid_phi_ema` (each centroid's cosine to the coherence reference) and `router_mean_ema`
+    (`[2E, H_r]`, the mean router input of the samples each centroid won; `router_size` H_r defaults to H).
+    A reseeded centroid forgets its readings. Seeding and re-seeding thresholds come from `config.bimodality`.
     """
 
     centroid: Tensor
     seeded: Tensor
     count: Tensor
-    centroid_phi_value: Tensor
-    centroid_phi_decay: Tensor
-    router_mean_value: Tensor
-    router_mean_decay: Tensor
     alpha: Tensor
 
     def __init__(
@@ -143,8 +137,6 @@ class BimodalityState(nn.Module):
         hidden_size: int,
         config: ChronoConfig | None = None,
         *,
-        seed_cosine: float = DEFAULT_SEED_COSINE,
-        reseed_balance: float = DEFAULT_RESEED_BALANCE,
         router_size: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
@@ -154,21 +146,17 @@ class BimodalityState(nn.Module):
         for name, value in (("num_experts", num_experts), ("hidden_size", hidden_size), ("router_size", router_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 1")
-        if not -1.0 <= seed_cosine < 1.0:
-            raise ValueError(f"seed_cosine={seed_cosine!r} is invalid: expected a cosine in [-1, 1)")
-        if not 0.0 <= reseed_balance < 1.0:
-            raise ValueError(f"reseed_balance={reseed_balance!r} is invalid: expected a value in [0, 1)")
-        self.seed_cosine = float(seed_cosine)
-        self.reseed_balance = float(reseed_balance)
+        self.seed_cosine = config.bimodality.seed_cosine
+        self.reseed_balance = config.bimodality.reseed_balance
+        alpha = config.bimodality.centroid.retention
         e, h = num_experts, hidden_size
         self.register_buffer("centroid", torch.zeros(2, e, h, device=device))
         self.register_buffer("seeded", torch.zeros(2, e, dtype=torch.bool, device=device))
         self.register_buffer("count", torch.zeros(2, e, device=device))
-        self.register_buffer("centroid_phi_value", torch.zeros(1, 2 * e, device=device))
-        self.register_buffer("centroid_phi_decay", torch.ones(1, 2 * e, device=device))
-        self.register_buffer("router_mean_value", torch.zeros(1, 2 * e, router_size, device=device))
-        self.register_buffer("router_mean_decay", torch.ones(1, 2 * e, device=device))
-        self.register_buffer("alpha", torch.tensor([config.alpha_centroid], device=device), persistent=False)
+        self.centroid_phi_ema = DebiasedEMA(2 * e, [alpha], device=device)
+        self.router_mean_ema = DebiasedEMA(2 * e, [alpha], (router_size,), device=device)
+        # A constant of the config (not saved): the centroids' own retention.
+        self.register_buffer("alpha", torch.tensor([alpha], device=device), persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -180,7 +168,7 @@ class BimodalityState(nn.Module):
 
     @property
     def router_size(self) -> int:
-        return int(self.router_mean_value.shape[-1])
+        return int(self.router_mean_ema.value.shape[-1])
 
     # ------------------------------------------------------------------ update
     @staticmethod
@@ -268,8 +256,8 @@ class BimodalityState(nn.Module):
         self.count.copy_(torch.where(measured.unsqueeze(0), alpha * count + frac, count))
         self.seeded.copy_(seeded)
 
-        phi_value = torch.where(reseed.view(1, -1), torch.zeros_like(self.centroid_phi_value), self.centroid_phi_value)
-        phi_decay = torch.where(reseed.view(1, -1), torch.ones_like(self.centroid_phi_decay), self.centroid_phi_decay)
+        self.centroid_phi_ema.reset_entries(reseed.view(-1))
+        self.router_mean_ema.reset_entries(reseed.view(-1))
         if reference is not None:
             ref = torch.nan_to_num(reference.to(self.centroid.device, torch.float32)).unsqueeze(0).expand(2, e, h)
             if gate is not None and load is not None:
@@ -282,14 +270,9 @@ class BimodalityState(nn.Module):
             ref_ok = finite & (ref.norm(dim=-1) > 0) & measured.unsqueeze(0)
             ref_cos = (self.centroid * _unit(ref)).sum(-1)  # [2, E]
             phi_ok = (seeded & ref_ok).view(-1)
-            phi_value, phi_decay = ema_update(phi_value, phi_decay, ref_cos.reshape(-1), phi_ok, alpha)
-        self.centroid_phi_value.copy_(phi_value)
-        self.centroid_phi_decay.copy_(phi_decay)
-
-        rm_value = torch.where(reseed.view(1, -1, 1), torch.zeros_like(self.router_mean_value), self.router_mean_value)
-        rm_decay = torch.where(reseed.view(1, -1), torch.ones_like(self.router_mean_decay), self.router_mean_decay)
+            self.centroid_phi_ema.update(ref_cos.reshape(-1), phi_ok)
         if router_input is not None:
-            r = router_input.to(self.router_mean_value.device, torch.float32)
+            r = router_input.to(self.centroid.device, torch.float32)
             if r.dim() == 2:
                 r = r.unsqueeze(1)
             if tuple(r.shape) != (e, x.shape[1], self.router_size):
@@ -300,9 +283,7 @@ class BimodalityState(nn.Module):
             r = torch.where(valid.unsqueeze(-1), torch.nan_to_num(r), torch.zeros((), device=r.device))
             total = torch.einsum("jes,esr->jer", a, r)
             mean = total / a.sum(2, keepdim=True).clamp_min(1.0)
-            rm_value, rm_decay = ema_update(rm_value, rm_decay, mean.reshape(2 * e, -1), won.reshape(-1), alpha)
-        self.router_mean_value.copy_(rm_value)
-        self.router_mean_decay.copy_(rm_decay)
+            self.router_mean_ema.update(mean.reshape(2 * e, -1), won.reshape(-1))
 
     # ------------------------------------------------------------------ slot management
     @torch.no_grad()
@@ -312,11 +293,9 @@ class BimodalityState(nn.Module):
         self.centroid.masked_fill_(experts.view(1, -1, 1), 0.0)
         self.seeded.masked_fill_(experts.view(1, -1), False)
         self.count.masked_fill_(experts.view(1, -1), 0.0)
-        both = experts.repeat(2).view(1, -1)
-        self.centroid_phi_value.masked_fill_(both, 0.0)
-        self.centroid_phi_decay.masked_fill_(both, 1.0)
-        self.router_mean_value.masked_fill_(both.unsqueeze(-1), 0.0)
-        self.router_mean_decay.masked_fill_(both, 1.0)
+        both = experts.repeat(2)
+        self.centroid_phi_ema.reset_entries(both)
+        self.router_mean_ema.reset_entries(both)
 
     @torch.no_grad()
     def copy_expert(self, src: int, dst: int) -> None:
@@ -326,10 +305,8 @@ class BimodalityState(nn.Module):
         self.seeded[:, dst] = self.seeded[:, src]
         self.count[:, dst] = self.count[:, src]
         for j in range(2):
-            self.centroid_phi_value[:, j * e + dst] = self.centroid_phi_value[:, j * e + src]
-            self.centroid_phi_decay[:, j * e + dst] = self.centroid_phi_decay[:, j * e + src]
-            self.router_mean_value[:, j * e + dst] = self.router_mean_value[:, j * e + src]
-            self.router_mean_decay[:, j * e + dst] = self.router_mean_decay[:, j * e + src]
+            self.centroid_phi_ema.copy_entry(j * e + src, j * e + dst)
+            self.router_mean_ema.copy_entry(j * e + src, j * e + dst)
 
     @torch.no_grad()
     def split_expert(self, parent: int, child_a: int, child_b: int) -> None:
@@ -339,18 +316,17 @@ class BimodalityState(nn.Module):
         c = self.centroid[:, parent].clone()
         n = self.count[:, parent].clone()
         s = self.seeded[:, parent].clone()
-        phi_v = self.centroid_phi_value[0, [parent, e + parent]].clone()
-        phi_d = self.centroid_phi_decay[0, [parent, e + parent]].clone()
-        rm_v = self.router_mean_value[0, [parent, e + parent]].clone()
-        rm_d = self.router_mean_decay[0, [parent, e + parent]].clone()
+        emas = (self.centroid_phi_ema, self.router_mean_ema)
+        pair = [parent, e + parent]
+        saved = [(ema.value[:, pair].clone(), ema.decay[:, pair].clone()) for ema in emas]
         for j, child in enumerate((child_a, child_b)):
             self.centroid[0, child], self.centroid[1, child] = c[j], 0.0
             self.count[0, child], self.count[1, child] = n[j], 0.0
             self.seeded[0, child], self.seeded[1, child] = s[j], False
-            self.centroid_phi_value[0, child], self.centroid_phi_value[0, e + child] = phi_v[j], 0.0
-            self.centroid_phi_decay[0, child], self.centroid_phi_decay[0, e + child] = phi_d[j], 1.0
-            self.router_mean_value[0, child], self.router_mean_value[0, e + child] = rm_v[j], 0.0
-            self.router_mean_decay[0, child], self.router_mean_decay[0, e + child] = rm_d[j], 1.0
+            for ema, (value, decay) in zip(emas, saved, strict=True):
+                # the child's first centroid takes role j's readings; its second starts empty
+                ema.value[:, child], ema.decay[:, child] = value[:, j], decay[:, j]
+                ema.value[:, e + child], ema.decay[:, e + child] = 0.0, 1.0
 
     # ------------------------------------------------------------------ readings
     def centroids(self, expert: int) -> Tensor:
@@ -401,7 +377,7 @@ class BimodalityState(nn.Module):
     def router_mean(self) -> Tensor:
         """[2, E, H_r] debiased EMA of the mean router input of the samples each centroid won (alpha_centroid);
         NaN rows where never measured. A split gives the children router rows that separate these two."""
-        return ema_debiased(self.router_mean_value, self.router_mean_decay).view(2, self.num_experts, -1)
+        return self.router_mean_ema.read().view(2, self.num_experts, -1)
 
     @property
     def centroid_phi(self) -> Tensor:
@@ -414,4 +390,4 @@ class BimodalityState(nn.Module):
         `update` the sibling term is 0. Compare with the parent's `phi` (same estimator, parent's mean), not
         with a per-role reading of the parent: `phi` is a cosine of a mean, and the mean of two roles is
         better aligned with the reference than either role by construction."""
-        return ema_debiased(self.centroid_phi_value, self.centroid_phi_decay).view(2, self.num_experts)
+        return self.centroid_phi_ema.read().view(2, self.num_experts)

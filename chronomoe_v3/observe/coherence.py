@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..clocks import ThreeClockEMA, ema_debiased, ema_update
+from ..clocks import DebiasedEMA, ThreeClockEMA
 from ..config import ESTIMATORS, ChronoConfig
 from ..trace import MoETrace
 from .stats import ExpertStats, coherence_reference, compute_expert_stats
@@ -94,10 +94,7 @@ class CoherenceState(nn.Module):
     last_seen: Tensor
     nonfinite_skips: Tensor
     phi_last: Tensor
-    role_value: Tensor
-    role_decay: Tensor
-    alpha_role: Tensor
-    _alpha_floor: Tensor
+    alpha_floor: Tensor
 
     def __init__(
         self,
@@ -110,17 +107,17 @@ class CoherenceState(nn.Module):
         self.config = config if config is not None else ChronoConfig()
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size!r} is invalid: expected an integer >= 1")
-        self.phi = ThreeClockEMA(num_experts, self.config.clock_alphas, device=device)
-        self.share = ThreeClockEMA(num_experts, self.config.clock_alphas, device=device)
+        self.phi = ThreeClockEMA(num_experts, self.config.coherence.alphas, device=device)
+        self.share = ThreeClockEMA(num_experts, self.config.coherence.alphas, device=device)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("last_seen", torch.full((num_experts,), -1, dtype=torch.int64, device=device))
         self.register_buffer("nonfinite_skips", torch.zeros(num_experts, dtype=torch.int64, device=device))
         self.register_buffer("phi_last", torch.full((num_experts,), float("nan"), device=device))
-        self.register_buffer("role_value", torch.zeros(1, num_experts, hidden_size, device=device))
-        self.register_buffer("role_decay", torch.ones(1, num_experts, device=device))
-        self.register_buffer("alpha_role", torch.tensor([self.config.alpha_role], device=device))
-        floors = [self.config.alpha_floor_fast, self.config.alpha_floor_mid, self.config.alpha_slow]
-        self.register_buffer("_alpha_floor", torch.tensor(floors, device=device), persistent=False)
+        self.role = DebiasedEMA(num_experts, [self.config.coherence.role.retention], (hidden_size,), device=device)
+        c = self.config
+        floors = [c.bridge.alpha_floor_fast, c.bridge.alpha_floor_mid, c.coherence.slow.retention]
+        # A constant of the config (not saved): the retentions relevance pulls the clocks towards.
+        self.register_buffer("alpha_floor", torch.tensor(floors, device=device), persistent=False)
 
     @property
     def num_experts(self) -> int:
@@ -128,7 +125,7 @@ class CoherenceState(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        return int(self.role_value.shape[-1])
+        return int(self.role.value.shape[-1])
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
@@ -149,14 +146,14 @@ class CoherenceState(nn.Module):
                 f"stats have {stats.num_experts} experts x {stats.sum_out.shape[-1]} hidden; this state expects "
                 f"{self.num_experts} x {self.hidden_size}"
             )
-        phi = coherence_from_stats(stats, self.config.coherence_estimator)
+        phi = coherence_from_stats(stats, self.config.coherence.estimator)
         measured = torch.isfinite(phi)
         active = torch.ones_like(measured) if active_mask is None else active_mask.to(measured.device)
         measured = measured & active
         alphas = None
         if relevance is not None:
             r = relevance.to(self.phi.alphas.dtype).clamp(0.0, 1.0)
-            alphas = self.phi.alphas * r + self._alpha_floor * (1.0 - r)
+            alphas = self.phi.alphas * r + self.alpha_floor * (1.0 - r)
             alphas = torch.cat([alphas[:2], self.phi.alphas[2:]])
         self.phi.update(phi, measured, alphas)
         # Shares: every active expert gets a reading (0 when it saw no token) on steps that routed tokens.
@@ -164,9 +161,7 @@ class CoherenceState(nn.Module):
         share = stats.counts / total.clamp_min(1.0)
         self.share.update(share, active & (total > 0))
         unit = stats.sum_out / stats.sum_out.norm(dim=-1, keepdim=True).clamp_min(_ABS_ZERO)
-        role, decay = ema_update(self.role_value, self.role_decay, unit, measured, self.alpha_role)
-        self.role_value.copy_(role)
-        self.role_decay.copy_(decay)
+        self.role.update(unit, measured)
         self.last_seen.copy_(torch.where(measured, self.step, self.last_seen))
         self.nonfinite_skips.add_((stats.nonfinite & active).to(torch.int64))
         self.phi_last.copy_(torch.where(active, phi, torch.full_like(phi, float("nan"))))
@@ -178,8 +173,7 @@ class CoherenceState(nn.Module):
         """Forget the history of slots (bool `[E]`), e.g. a slot reused by spawn."""
         self.phi.reset_entries(experts)
         self.share.reset_entries(experts)
-        self.role_value.masked_fill_(experts.view(1, -1, 1), 0.0)
-        self.role_decay.masked_fill_(experts.view(1, -1), 1.0)
+        self.role.reset_entries(experts)
         self.last_seen.masked_fill_(experts, -1)
         self.nonfinite_skips.masked_fill_(experts, 0)
         self.phi_last.masked_fill_(experts, float("nan"))
@@ -189,8 +183,7 @@ class CoherenceState(nn.Module):
         """Give slot `dst` the record of slot `src` (split children inherit their parent's history)."""
         self.phi.copy_entry(src, dst)
         self.share.copy_entry(src, dst)
-        self.role_value[:, dst] = self.role_value[:, src]
-        self.role_decay[:, dst] = self.role_decay[:, src]
+        self.role.copy_entry(src, dst)
         self.last_seen[dst] = self.last_seen[src]
         self.phi_last[dst] = self.phi_last[src]
 
@@ -225,7 +218,7 @@ class CoherenceState(nn.Module):
     @property
     def role_vectors(self) -> Tensor:
         """[E, H] debiased role vectors (EMA of unit mean outputs); NaN rows where never measured."""
-        return ema_debiased(self.role_value, self.role_decay)[0]
+        return self.role.read()[0]
 
     @property
     def phi_delta(self) -> Tensor:
@@ -237,7 +230,7 @@ class CoherenceState(nn.Module):
     def degrade_delta(self) -> Tensor:
         """[E] phi_fast - phi_baseline, the delta the degrading flag judges (baseline: `degrade_baseline`)."""
         clocks = self.phi_clocks
-        return clocks[0] - clocks[1 if self.config.degrade_baseline == "mid" else 2]
+        return clocks[0] - clocks[1 if self.config.degrade.baseline == "mid" else 2]
 
     def degrading(self, active_mask: Tensor | None = None) -> Tensor:
         """[E] bool: experts whose fast coherence has fallen below their baseline (mid or slow) coherence.
@@ -249,17 +242,17 @@ class CoherenceState(nn.Module):
         `min_observations_to_flag` observations are never flagged.
         """
         delta = self.degrade_delta
-        eligible = torch.isfinite(delta) & (self.observations >= self.config.min_observations_to_flag)
+        eligible = torch.isfinite(delta) & (self.observations >= self.config.degrade.min_observations)
         if active_mask is not None:
             eligible = eligible & active_mask.to(eligible.device)
-        threshold = torch.tensor(self.config.delta_threshold, device=delta.device)
-        if self.config.degrade_reference == "layer_median":
+        threshold = torch.tensor(self.config.degrade.threshold, device=delta.device)
+        if self.config.degrade.reference == "layer_median":
             median = _nanmedian_masked(delta, eligible)
             relative = delta - torch.where(torch.isfinite(median), median, torch.zeros_like(median))
-            if self.config.degrade_z > 0:
+            if self.config.degrade.z > 0:
                 # Robust spread of the layer's deltas (scaled MAD): an expert must stand out from its layer.
                 mad = _nanmedian_masked(relative.abs(), eligible) * 1.4826
-                threshold = torch.maximum(threshold, torch.nan_to_num(mad, nan=0.0) * self.config.degrade_z)
+                threshold = torch.maximum(threshold, torch.nan_to_num(mad, nan=0.0) * self.config.degrade.z)
         else:
             relative = delta
         return eligible & (relative < -threshold)

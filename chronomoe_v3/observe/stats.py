@@ -159,3 +159,35 @@ def starvation_fraction(
     starved = (fit < confidence) & (n > k)
     real = torch.ones_like(starved) if token_mask is None else token_mask.to(starved.device).bool()
     return (starved & real).sum().to(p.dtype) / real.sum().clamp_min(1).to(p.dtype)
+
+
+@torch.no_grad()
+def add_coactivation(accumulator: Tensor, trace: MoETrace, active_mask: Tensor) -> Tensor:
+    """Add one forward's co-routing to `accumulator [E, E]` (in place); returns its number of real tokens `[]`.
+
+    From the clean router (any top-k): for each real token and each expert e among its clean top-2, row e
+    adds the router's interchangeability of every active f, `min(1, p_f / p_e)` (`C_ee += 1`). `C_ef / C_ee`
+    is then how nearly the router would give e's tokens to f: ~1 for a duplicate, ~0 for a distinct expert
+    behind a confident router, however often it is the runner-up (a co-selection count cannot tell these
+    apart). Without clean logits: co-selection counts of the top-k. Device tensors only, no host sync.
+    """
+    e = trace.num_experts
+    t = trace.topk_index.shape[0]
+    if trace.router_logits_clean is None:
+        index, keep = trace.topk_index.to(torch.long), trace.kept_slots()
+        target = torch.where(keep, index, torch.full_like(index, e))
+        onehot = torch.zeros(t, e + 1, device=index.device).scatter_(1, target, 1.0)[:, :e]
+        accumulator.add_(onehot.T @ onehot)
+    else:
+        logp = torch.log_softmax(trace.router_logits_clean.float().masked_fill(~active_mask, float("-inf")), dim=-1)
+        index = logp.topk(min(2, e), dim=-1).indices  # [T, 2]
+        keep = active_mask[index]
+        if trace.token_mask is not None:
+            keep = keep & trace.token_mask.unsqueeze(1)
+        own = logp.gather(1, index)  # [T, 2]
+        ratio = torch.exp((logp.unsqueeze(1) - own.unsqueeze(-1)).clamp_max(0.0)).nan_to_num(0.0)  # [T, 2, E]
+        ratio = ratio * keep.unsqueeze(-1)
+        accumulator.index_add_(0, index.reshape(-1), ratio.reshape(-1, e))
+    if trace.token_mask is not None:
+        return trace.token_mask.float().sum()
+    return torch.full((), float(t), device=trace.topk_index.device)

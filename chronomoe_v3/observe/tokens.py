@@ -1,10 +1,10 @@
-"""Token basins: which token ids each expert attracts, from bounded per-expert counts on the device.
+"""Token basins: which token ids each expert of a layer attracts, from bounded counts on the device.
 
 When the training loop hands the system the batch's token ids (`ChronoSystem.observe_tokens(ids)` before
-the forward), each observed forward adds, per layer, one count per dispatched (token, expert) pair to a
-fixed `[L, E, V + 1]` table (`V = vocab_limit`; ids >= V, or negative, share the last column, "other"). The
-table's size never changes, whatever the run length; `decay` (once per `step()`) lets recent routing
-dominate. Nothing here reads device values: the per-step update is one `index_add_`.
+the forward), each observed forward adds one count per dispatched (token, expert) pair to a fixed
+`[E, V + 1]` table (`V = vocab_limit`; ids >= V, or negative, share the last column, "other"). The table's
+size never changes, whatever the run length; `decay` (once per `step()`) lets recent routing dominate.
+Nothing here reads device values: the per-forward update is one `index_add_`.
 """
 
 from __future__ import annotations
@@ -14,28 +14,26 @@ from torch import Tensor, nn
 
 
 class TokenBasins(nn.Module):
-    """Per layer and expert slot, decayed counts of the token ids routed to it (fp32 device buffer)."""
+    """Per expert slot of one layer, decayed counts of the token ids routed to it (fp32 device buffer)."""
 
     counts: Tensor
 
-    def __init__(
-        self, num_layers: int, num_slots: int, vocab_limit: int = 4096, device: torch.device | str | None = None
-    ) -> None:
+    def __init__(self, num_slots: int, vocab_limit: int = 4096, device: torch.device | str | None = None) -> None:
         super().__init__()
-        for name, value in (("num_layers", num_layers), ("num_slots", num_slots), ("vocab_limit", vocab_limit)):
+        for name, value in (("num_slots", num_slots), ("vocab_limit", vocab_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: expected an integer >= 1")
         self.vocab_limit = vocab_limit
-        self.register_buffer("counts", torch.zeros(num_layers, num_slots, vocab_limit + 1, device=device))
+        self.register_buffer("counts", torch.zeros(num_slots, vocab_limit + 1, device=device))
 
     @property
     def num_slots(self) -> int:
-        return int(self.counts.shape[1])
+        return int(self.counts.shape[0])
 
     @torch.no_grad()
-    def add(self, layer: int, token_ids: Tensor, topk_index: Tensor, keep: Tensor) -> None:
-        """Count one forward of `layer`: `token_ids [T]` (any integer dtype), `topk_index [T, K]` the experts
-        each token was dispatched to, `keep [T, K]` bool the slots that count (kept, real tokens)."""
+    def add(self, token_ids: Tensor, topk_index: Tensor, keep: Tensor) -> None:
+        """Count one forward: `token_ids [T]` (any integer dtype), `topk_index [T, K]` the experts each token
+        was dispatched to, `keep [T, K]` bool the slots that count (kept, real tokens)."""
         t, k = topk_index.shape
         if tuple(token_ids.shape) != (t,):
             raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}; expected ({t},) to match the routing")
@@ -46,7 +44,7 @@ class TokenBasins(nn.Module):
         ids = torch.where((ids >= 0) & (ids < v), ids, torch.full_like(ids, v))
         slots = topk_index.to(device=self.counts.device, dtype=torch.long).clamp(0, self.num_slots - 1)
         key = slots * (v + 1) + ids.unsqueeze(1)
-        self.counts[layer].view(-1).index_add_(0, key.reshape(-1), keep.reshape(-1).to(self.counts))
+        self.counts.view(-1).index_add_(0, key.reshape(-1), keep.reshape(-1).to(self.counts))
 
     @torch.no_grad()
     def decay(self, factor: float) -> None:
@@ -56,15 +54,15 @@ class TokenBasins(nn.Module):
         self.counts.mul_(factor)
 
     @torch.no_grad()
-    def reset_slots(self, layer: int, slots: list[int] | tuple[int, ...]) -> None:
+    def reset_slots(self, slots: list[int] | tuple[int, ...]) -> None:
         """Forget the counts of slots that now hold a different expert."""
         if slots:
-            self.counts[layer, list(slots)] = 0.0
+            self.counts[list(slots)] = 0.0
 
-    def top(self, layer: int, n: int = 20) -> list[tuple[float, list[tuple[int, float]]]]:
+    def top(self, n: int = 20) -> list[tuple[float, list[tuple[int, float]]]]:
         """Host side: per slot, (total count, up to `n` (token id, count) pairs, most counted first; id
         `vocab_limit` stands for every id outside [0, vocab_limit))."""
-        table = self.counts[layer].detach().cpu()
+        table = self.counts.detach().cpu()
         k = min(n, table.shape[1])
         values, index = table.topk(k, dim=1)
         totals = table.sum(1).tolist()

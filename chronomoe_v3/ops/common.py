@@ -48,12 +48,13 @@ def check_can_add(registry: ExpertRegistry, layer: int) -> None:
     if live + 1 > cap:
         raise EditError(
             f"layer {layer} has {live} live experts; adding one would exceed the maximum {cap} "
-            f"(max_experts_per_layer={registry.config.max_experts_per_layer}, {registry.num_slots(layer)} slots)"
+            f"(max_experts_per_layer={registry.config.lifecycle.max_experts_per_layer}, "
+            f"{registry.num_slots(layer)} slots)"
         )
 
 
 def check_can_remove(registry: ExpertRegistry, layer: int) -> None:
-    live, low = registry.num_live(layer), registry.config.min_experts_per_layer
+    live, low = registry.num_live(layer), registry.config.lifecycle.min_experts_per_layer
     if live - 1 < low:
         raise EditError(
             f"layer {layer} has {live} live experts; removing one would go below min_experts_per_layer={low}"

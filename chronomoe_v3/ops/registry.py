@@ -108,11 +108,11 @@ class ExpertRegistry:
         self._archive: dict[str, Parked] = {}
         for layer, mask in enumerate(masks):
             live = sum(mask)
-            if not self.config.min_experts_per_layer <= live <= self.max_live(layer):
+            if not self.config.lifecycle.min_experts_per_layer <= live <= self.max_live(layer):
                 raise ValueError(
                     f"layer {layer} starts with {live} active experts; expected between min_experts_per_layer="
-                    f"{self.config.min_experts_per_layer} and {self.max_live(layer)} (max_experts_per_layer="
-                    f"{self.config.max_experts_per_layer}, {len(mask)} slots)"
+                    f"{self.config.lifecycle.min_experts_per_layer} and {self.max_live(layer)} (max_experts_per_layer="
+                    f"{self.config.lifecycle.max_experts_per_layer}, {len(mask)} slots)"
                 )
             for slot, on in enumerate(mask):
                 if on:
@@ -129,7 +129,7 @@ class ExpertRegistry:
         return len(self._slots[layer])
 
     def max_live(self, layer: int) -> int:
-        return min(self.config.max_experts_per_layer, len(self._slots[layer]))
+        return min(self.config.lifecycle.max_experts_per_layer, len(self._slots[layer]))
 
     def check_layer(self, layer: int) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(self._slots):
@@ -217,7 +217,7 @@ class ExpertRegistry:
         gen = self._generation[layer][slot]
         record = ExpertRecord(
             expert_id=expert_id(layer, slot, gen), layer=layer, slot=slot, state="cooling", born_step=int(step),
-            origin=origin, basin=BasinHistory(self.config.basin_window_size), parent_id=parent_id,
+            origin=origin, basin=BasinHistory(self.config.basins.history), parent_id=parent_id,
         )
         self._generation[layer][slot] = gen + 1
         self._experts[record.expert_id] = record
@@ -242,7 +242,8 @@ class ExpertRegistry:
         record.ended_by = ended_by
         record.successor_id = successor_id
         self._archive[record.expert_id] = parked
-        while len(self._archive) > self.config.archive_capacity:  # bounded memory: drop the oldest parked weights
+        # bounded memory: drop the oldest parked weights
+        while len(self._archive) > self.config.lifecycle.archive_capacity:
             del self._archive[next(iter(self._archive))]
         self._slots[layer][slot] = None
         return record
@@ -257,7 +258,7 @@ class ExpertRegistry:
         """Promote cooling experts that have cooled for `cooling_period` steps; returns their ids."""
         promoted = []
         for r in self._experts.values():
-            if r.state == "cooling" and step - r.born_step >= self.config.cooling_period:
+            if r.state == "cooling" and step - r.born_step >= self.config.lifecycle.cooling_period:
                 r.state = "active"
                 promoted.append(r.expert_id)
         return promoted

@@ -37,19 +37,19 @@ def spawn(
     """A new `cooling` expert in `slot` (default: the lowest free slot).
 
     `clone_and_perturb` (needs `parent`, a live slot): the parent's weights and router row (bias entry
-    copied) plus relative Gaussian noise of size `scale` (default `config.split_perturbation_scale`).
+    copied) plus relative Gaussian noise of size `scale` (default `config.lifecycle.perturbation_scale`).
     `random`: Gaussian weights and router row whose RMS matches the live experts' (per tensor), and the
     mean live router bias. `parent` is then optional (recorded as lineage only). Strategy defaults to
-    `config.spawn_strategy`. `generator` must live on the weights' device.
+    `config.lifecycle.spawn_strategy`. `generator` must live on the weights' device.
     """
-    strategy = registry.config.spawn_strategy if strategy is None else strategy
+    strategy = registry.config.lifecycle.spawn_strategy if strategy is None else strategy
     check_edit(registry, banks, layer, step, optimizer)
     if strategy not in SPAWN_STRATEGIES:
         raise EditError(f"strategy={strategy!r} is invalid: expected one of {list(SPAWN_STRATEGIES)}")
     if strategy == "clone_and_perturb" and parent is None:
         raise EditError("strategy 'clone_and_perturb' needs parent=<a live slot>; got parent=None")
     parent_id = registry.live_record(layer, parent).expert_id if parent is not None else None
-    scale = check_scale(registry.config.split_perturbation_scale if scale is None else scale)
+    scale = check_scale(registry.config.lifecycle.perturbation_scale if scale is None else scale)
     check_can_add(registry, layer)
     target = choose_free_slot(registry, layer, slot)
 

@@ -42,7 +42,7 @@ def split(
     Expert weights: `parent + d` and `parent - d` (`antithetic`, the default: the children's mean is the
     parent, so where both are selected with equal gates the output moves only at second order in `scale`),
     or `parent + d1` and `parent + d2` (independent noise: first order), with `d` relative Gaussian noise of
-    size `scale` (default `config.split_perturbation_scale`).
+    size `scale` (default `config.lifecycle.perturbation_scale`).
 
     Router, `router_margin` 0 (the default): both children get the parent's row; their logits must drop by
     log 2 so that together they hold exactly the parent's softmax mass (the layer's function is unchanged
@@ -60,7 +60,7 @@ def split(
     """
     check_edit(registry, banks, layer, step, optimizer)
     parent = registry.live_record(layer, slot)
-    scale = check_scale(registry.config.split_perturbation_scale if scale is None else scale)
+    scale = check_scale(registry.config.lifecycle.perturbation_scale if scale is None else scale)
     margin = check_scale(router_margin)
     check_can_add(registry, layer)
     target = choose_free_slot(registry, layer, new_slot)

@@ -25,7 +25,7 @@ Parameters are never reallocated and the optimiser is never rebuilt.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ..adapters import LayerBanks, ParamSlots
+from ..config import SurgeryConfig
 from .record import EditError, EditRecord
 
 
@@ -82,7 +83,7 @@ class OptimizerSurgery:
         optimizer: torch.optim.Optimizer,
         banks: Sequence[LayerBanks],
         *,
-        seed_steps: int = 100,
+        seed_steps: int = SurgeryConfig().seed_steps,
         freeze_masked: bool = True,
     ) -> None:
         if isinstance(seed_steps, bool) or not isinstance(seed_steps, int) or seed_steps < 1:
@@ -97,6 +98,41 @@ class OptimizerSurgery:
         self._handles = [optimizer.register_step_pre_hook(self._pre_step)]
         if freeze_masked:
             self.hold_masked()
+
+    # ------------------------------------------------------------------ persistence
+    def _param_order(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pending first-step seeds, keyed by parameter order index (as `torch.optim` keys its state), so
+        they survive re-creating the optimiser: `{"pending": [[param_index, slot, steps_left], ...]}`."""
+        index = {id(p): i for i, p in enumerate(self._param_order())}
+        return {"pending": [[index[id(p.param)], p.slot, p.steps_left] for p in self._pending]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`. Validated first (ValueError naming the entry); on error nothing changes."""
+        params = self._param_order()
+        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        stacked = {id(r.param): r for b in self.banks for r in b.param_slots() if r.expert_dim is not None}
+        rows = state.get("pending") if isinstance(state, Mapping) else None
+        if not isinstance(rows, list):
+            raise ValueError(f"optimizer-surgery state {state!r} is invalid: expected {{'pending': [...]}}")
+        restored = []
+        for entry in rows:
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
+                raise ValueError(f"optimizer-surgery entry {entry!r} is invalid: expected [param_index, slot, steps]")
+            i, slot, left = (int(x) for x in entry)
+            if not 0 <= i < len(params) or id(params[i]) not in stacked:
+                raise ValueError(
+                    f"optimizer-surgery entry {list(entry)} names parameter {i}; expected the index of a stacked "
+                    f"expert or router parameter among the optimiser's {len(params)} parameters"
+                )
+            row = stacked[id(params[i])]
+            assert row.expert_dim is not None
+            if not 0 <= slot < row.param.shape[row.expert_dim] or left < 1:
+                raise ValueError(f"optimizer-surgery entry {list(entry)} has slot {slot} / steps {left} out of range")
+            restored.append(_Pending(row.param, groups[id(row.param)], row.expert_dim, slot, left))
+        self._pending = restored
 
     def remove(self) -> None:
         """Detach the hooks."""
