@@ -262,3 +262,47 @@ def test_training_step_with_system_attached_never_syncs_the_host():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     system.step()  # host transfers happen here, and only here
+
+
+def test_checkpoint_from_another_config_raises_naming_the_fields() -> None:
+    from dataclasses import replace
+
+    from chronomoe_v3 import ClockConfig
+
+    model = _model()
+    system = ChronoSystem(model, config=FAST)
+    for step in range(4):
+        _train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), step)
+    state = system.state_dict()
+    other_config = replace(
+        FAST, coherence=replace(FAST.coherence, slow=ClockConfig("slow", alpha=0.998)),
+        lifecycle=replace(FAST.lifecycle, cooldown_steps=7),
+    )
+    other = ChronoSystem(_model(), config=other_config)
+    with pytest.raises(ValueError, match=r"\['coherence.slow.alpha', 'lifecycle.cooldown_steps'\] differ"):
+        other.load_state_dict(state)
+    assert other.global_step == 0
+    ChronoSystem(_model(), config=ChronoConfig.from_dict(state["config"])).load_state_dict(state)
+
+
+def test_constants_are_not_saved_and_layer_state_is_saved_once() -> None:
+    model = _model()
+    system = ChronoSystem(model, config=FAST)
+    _train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), 0)
+    state = system.state_dict()
+    for observer in state["observers"]:
+        constants = [k for k in observer if k.rsplit(".", 1)[-1] in ("alpha", "alphas", "alpha_floor")]
+        assert constants == [], constants
+    assert "beta" not in state and "active_masks" not in state  # the model's state holds them
+    assert any(k.endswith("slow_bias.beta") for k in model.state_dict())
+    assert any(k.endswith("active_mask") for k in model.state_dict())
+
+
+def test_loading_before_the_model_state_is_refused() -> None:
+    model = _model()
+    system = ChronoSystem(model, config=FAST)
+    system.registry.retire(0, 1, 0, "prune", parked={"experts": {}, "router": {}})
+    state = system.state_dict()
+    fresh = ChronoSystem(_model(), config=FAST)  # its layer 0 still routes to slot 1
+    with pytest.raises(ValueError, match="load the model's state_dict"):
+        fresh.load_state_dict(state)

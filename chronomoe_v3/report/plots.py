@@ -371,6 +371,39 @@ def _panels(n: int, height: float) -> tuple[Figure, list[Axes]]:
     return fig, axes[:n]
 
 
+def _curve_panels(
+    path: Path,
+    scenarios: list[str],
+    arms: list[str],
+    curves: Callable[[str, str], list[dict[int, float]]],
+    ylabel: str,
+    title: str,
+    zero_line: bool = False,
+) -> None:
+    """One panel per scenario, one line per arm: the mean over its curves (`curves(scenario, arm)`, one
+    `{step: value}` per seed) with a band of one sd."""
+    colours = dict(zip(arms, _colours(len(arms)), strict=True))
+    fig, axes = _panels(len(scenarios), 4.0)
+    for ax, scenario in zip(axes, scenarios, strict=True):
+        for arm in arms:
+            rows = curves(scenario, arm)
+            if not rows:
+                continue
+            steps, mean, sd = _mean_sd(rows)
+            ax.plot(steps, mean, color=colours[arm], label=_plain_text(f"{arm} (n={len(rows)})"))
+            ax.fill_between(steps, mean - sd, mean + sd, color=colours[arm], alpha=0.2, linewidth=0)
+        if zero_line:
+            ax.axhline(0.0, color="black", linewidth=1)
+        ax.set_title(_plain_text(scenario))
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def plot_compare_val(outcomes: Outcomes, path: Path) -> str | None:
     """One panel per scenario: each arm's mean validation curve over seeds with a band of one sd.
 
@@ -378,25 +411,13 @@ def plot_compare_val(outcomes: Outcomes, path: Path) -> str | None:
     scenarios = [s for s in outcomes.scenarios() if any(r.scenario == s and r.eval_steps for r in outcomes.runs)]
     if not scenarios:
         return f"{path.name}: not drawn, no run has a validation curve"
-    arms = outcomes.arms()
-    colours = dict(zip(arms, _colours(len(arms)), strict=True))
-    fig, axes = _panels(len(scenarios), 4.0)
-    for ax, scenario in zip(axes, scenarios, strict=True):
-        for arm in arms:
-            runs = [r for r in outcomes.runs if r.scenario == scenario and r.arm == arm and r.eval_steps]
-            if not runs:
-                continue
-            steps, mean, sd = _mean_sd([dict(zip(r.eval_steps, r.val_nats, strict=True)) for r in runs])
-            ax.plot(steps, mean, color=colours[arm], label=_plain_text(f"{arm} (n={len(runs)})"))
-            ax.fill_between(steps, mean - sd, mean + sd, color=colours[arm], alpha=0.2, linewidth=0)
-        ax.set_title(_plain_text(scenario))
-        ax.set_xlabel("training step")
-        ax.set_ylabel("validation loss (nats)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Validation loss: mean over seeds ± 1 sd")
-    fig.tight_layout()
-    _save(fig, path)
+
+    def curves(scenario: str, arm: str) -> list[dict[int, float]]:
+        return [dict(zip(r.eval_steps, r.val_nats, strict=True)) for r in outcomes.runs
+                if r.scenario == scenario and r.arm == arm and r.eval_steps]
+
+    _curve_panels(path, scenarios, outcomes.arms(), curves, "validation loss (nats)",
+                  "Validation loss: mean over seeds ± 1 sd")
     return None
 
 
@@ -411,30 +432,17 @@ def plot_compare_gap(outcomes: Outcomes, path: Path) -> str | None:
     arms = [a for a in outcomes.arms() if a != "plain"]
     if not scenarios or not arms:
         return f"{path.name}: not drawn, no arm could be paired with the plain arm"
-    colours = dict(zip(arms, _colours(len(arms)), strict=True))
-    fig, axes = _panels(len(scenarios), 4.0)
-    for ax, scenario in zip(axes, scenarios, strict=True):
-        for arm in arms:
-            rows = []
-            for r in outcomes.runs:
-                base = plain.get((r.scenario, r.seed))
-                if r.scenario != scenario or r.arm != arm or base is None:
-                    continue
+
+    def curves(scenario: str, arm: str) -> list[dict[int, float]]:
+        rows = []
+        for r in outcomes.runs:
+            base = plain.get((r.scenario, r.seed))
+            if r.scenario == scenario and r.arm == arm and base is not None:
                 rows.append({s: v - base[s] for s, v in zip(r.eval_steps, r.val_nats, strict=True) if s in base})
-            if not rows:
-                continue
-            steps, mean, sd = _mean_sd(rows)
-            ax.plot(steps, mean, color=colours[arm], label=_plain_text(f"{arm} (n={len(rows)})"))
-            ax.fill_between(steps, mean - sd, mean + sd, color=colours[arm], alpha=0.15, linewidth=0)
-        ax.axhline(0.0, color="black", linewidth=1)
-        ax.set_title(_plain_text(scenario))
-        ax.set_xlabel("training step")
-        ax.set_ylabel("val nats − plain (below 0 = better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Paired validation gap to the plain arm: mean over seeds ± 1 sd")
-    fig.tight_layout()
-    _save(fig, path)
+        return rows
+
+    _curve_panels(path, scenarios, arms, curves, "val nats − plain (below 0 = better)",
+                  "Paired validation gap to the plain arm: mean over seeds ± 1 sd", zero_line=True)
     return None
 
 
