@@ -272,7 +272,8 @@ class MoELayerAdapter(Protocol):
     `add_observer(fn)`: call `fn(trace)` once per training forward (`MoETrace`); returns a removable handle.
     `slow_bias(config)`: the layer's `SlowBias`, attached on first call, or None if the layer cannot route
     with one. `selection_bias()`: an aux-loss-free balancer's per-expert bias `[E]` (edited in place on an
-    edit), or None. `lens()` / `set_lens(lens)`: the module applied to the router input (mid clock), or None.
+    edit), or None. `lens()` / `set_lens(lens)`: the module applied to the router input, or None.
+    `logit_lens()` / `set_logit_lens(lens)`: the mid clock's selection offset (`governance.LogitLens`), or None.
     """
 
     @property
@@ -301,6 +302,10 @@ class MoELayerAdapter(Protocol):
     def lens(self) -> nn.Module | None: ...
 
     def set_lens(self, lens: nn.Module | None) -> None: ...
+
+    def logit_lens(self) -> nn.Module | None: ...
+
+    def set_logit_lens(self, lens: nn.Module | None) -> None: ...
 
 
 AdapterFactory = Callable[[nn.Module], MoELayerAdapter]
@@ -390,6 +395,12 @@ class ChronoLayerAdapter:
 
     def set_lens(self, lens: nn.Module | None) -> None:
         self._layer.lens = lens
+
+    def logit_lens(self) -> nn.Module | None:
+        return self._layer.logit_lens
+
+    def set_logit_lens(self, lens: nn.Module | None) -> None:
+        self._layer.logit_lens = lens
 
 
 register_adapter(ChronoMoELayer, ChronoLayerAdapter)

@@ -156,6 +156,20 @@ class BridgeConfig:
 
 
 @dataclass(frozen=True)
+class MidClockConfig:
+    """The built-in mid clock (docs/system.md): the v2 lens controller turns each layer's topology debt
+    (low Neff, top-2 concentration, dead experts) into a pressure, and the pressure drives a `LogitLens` on
+    the layer's router: `offset += gain * scale * steering` per `step()` call, clipped to `max_offset`."""
+
+    gain: float = 1.0
+    max_offset: float = 8.0
+
+    def __post_init__(self) -> None:
+        _check_number("mid.gain", self.gain, 0.0)
+        _check_number("mid.max_offset", self.max_offset, 0.0)
+
+
+@dataclass(frozen=True)
 class BimodalityConfig:
     """The "one expert, two roles" detector (SPEC 6; observe/bimodality.py): `samples_per_expert` token
     outputs drawn per expert per forward, centroids moved at the `centroid` retention, a second centroid
@@ -177,7 +191,12 @@ class BimodalityConfig:
 @dataclass(frozen=True)
 class ObjectiveConfig:
     """The slow objective (SPEC 7; docs/objective.md): the weights of F, the bar an edit's predicted delta_F
-    must clear, and the evidence each kind of candidate needs."""
+    must clear, and the evidence each kind of candidate needs: a judged expert has `min_observations_to_judge`
+    measured forwards and `min_evidence_tokens` tokens routed to it over the slow window; a layer is
+    concentrated (nothing is removed there) when its slow Neff < `concentration_neff` x n or its top-2 share
+    > `concentration_top2` (the v2 PRE_COLLAPSE condition), a collapse alert is raised on it, or the mid
+    clock's pressure on it exceeds `concentration_pressure` (it is still being rebalanced); a prune needs
+    the expert's share below `prune_max_share` x its fair share."""
 
     lambda_complexity: float = 0.01
     rho_redundancy: float = 0.1
@@ -191,7 +210,11 @@ class ObjectiveConfig:
     prune_coherence_floor: float = 0.0
     prune_min_absorbable: float = 0.5
     merge_min_redundancy: float = 0.5
-    fired_window: int = 50
+    min_evidence_tokens: float = 4096.0
+    prune_max_share: float = 0.5
+    concentration_neff: float = 0.6
+    concentration_top2: float = 0.75
+    concentration_pressure: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("lambda_complexity", "rho_redundancy", "kappa_instability", "min_improvement"):
@@ -204,18 +227,26 @@ class ObjectiveConfig:
         _check_number("objective.prune_coherence_floor", self.prune_coherence_floor, -1.0, 1.0)
         _check_number("objective.prune_min_absorbable", self.prune_min_absorbable, 0.0, 1.0)
         _check_number("objective.merge_min_redundancy", self.merge_min_redundancy, 0.0, 1.0)
-        _check_int("objective.fired_window", self.fired_window, 1)
+        _check_number("objective.min_evidence_tokens", self.min_evidence_tokens, 0.0)
+        _check_number("objective.prune_max_share", self.prune_max_share, 0.0, 1.0)
+        _check_number("objective.concentration_neff", self.concentration_neff, 0.0, 1.0)
+        _check_number("objective.concentration_top2", self.concentration_top2, 0.0, 1.0)
+        _check_number("objective.concentration_pressure", self.concentration_pressure, 0.0)
 
 
 @dataclass(frozen=True)
 class LifecycleConfig:
     """The slow clock's schedule and bounds (SPEC 7-8): a review every `eval_interval` `step()` calls, at most
     `max_edits_per_cycle` edits per review, `cooldown_steps` between edits of a layer, `cooling_period` before
-    a newborn expert is judged, the live-expert bounds per layer, and how new experts are made."""
+    a newborn expert is judged, the live-expert bounds per layer, and how new experts are made. Every edit is
+    audited `audit_steps` training steps later (`lifecycle/audit.py`; no other edit of the layer meanwhile) and
+    rolled back when the loss rose beyond `harm_z` noise units and `harm_min_loss` nats; that kind of edit is
+    then not proposed in the layer for `rollback_penalty_steps`. With `step()` every 50 training steps, the
+    defaults review every 100 steps and let a layer change at most every 300."""
 
-    eval_interval: int = 10
+    eval_interval: int = 2
     max_edits_per_cycle: int = 1
-    cooldown_steps: int = 500
+    cooldown_steps: int = 300
     cooling_period: int = 200
     min_experts_per_layer: int = 2
     max_experts_per_layer: int = 16
@@ -223,9 +254,17 @@ class LifecycleConfig:
     perturbation_scale: float = 0.01
     split_router_margin: float = 2.0
     archive_capacity: int = 64
+    audit_steps: int = 300
+    harm_z: float = 3.0
+    harm_min_loss: float = 0.01
+    rollback_penalty_steps: int = 2000
 
     def __post_init__(self) -> None:
         _check_int("lifecycle.eval_interval", self.eval_interval, 1)
+        _check_int("lifecycle.audit_steps", self.audit_steps, 1)
+        _check_number("lifecycle.harm_z", self.harm_z, 0.0)
+        _check_number("lifecycle.harm_min_loss", self.harm_min_loss, 0.0)
+        _check_int("lifecycle.rollback_penalty_steps", self.rollback_penalty_steps, 0)
         _check_int("lifecycle.max_edits_per_cycle", self.max_edits_per_cycle, 0)
         _check_int("lifecycle.cooldown_steps", self.cooldown_steps, 0)
         _check_int("lifecycle.cooling_period", self.cooling_period, 0)
@@ -274,6 +313,7 @@ _SECTIONS: dict[str, type] = {
     "degrade": DegradeConfig,
     "bias": BiasConfig,
     "bridge": BridgeConfig,
+    "mid": MidClockConfig,
     "bimodality": BimodalityConfig,
     "objective": ObjectiveConfig,
     "lifecycle": LifecycleConfig,
@@ -291,6 +331,7 @@ class ChronoConfig:
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
     bias: BiasConfig = field(default_factory=BiasConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    mid: MidClockConfig = field(default_factory=MidClockConfig)
     bimodality: BimodalityConfig = field(default_factory=BimodalityConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)

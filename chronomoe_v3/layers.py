@@ -47,6 +47,9 @@ class ChronoMoELayer(nn.Module):
     choices before any second choice); dropped slots contribute nothing (the residual carries the token).
     Observers added with `add_observer` receive an `MoETrace` of every training forward (and of eval
     forwards when `observe_eval` is set), built from tensors the forward computes anyway.
+    Router-side slots: `lens` transforms the router input (v2 `ChronoLens`); `logit_lens` (the mid clock's
+    `LogitLens`) adds its `offset [E]` to the scores that choose the top-k, as the balancer's `expert_bias`
+    does; neither moves gate weights beyond what the router input itself changes.
     With a `slow_bias` attached (`attach_slow_bias`), its beta is added to the router logits, the bridge
     detector runs on every forward (`trace.bridge`) and, when the config's `bridge_veto` is on, the veto
     scales the gate weights.
@@ -121,6 +124,7 @@ class ChronoMoELayer(nn.Module):
         # Scratch token counts of training forwards, read and cleared by the balancer; not saved.
         self.register_buffer("tokens_per_expert", None, persistent=False)
         self.lens: nn.Module | None = None
+        self.logit_lens: nn.Module | None = None
         self.slow_bias: SlowBias | None = None
         self._observers: OrderedDict[int, Observer] = OrderedDict()
         self.reset_parameters()
@@ -190,16 +194,20 @@ class ChronoMoELayer(nn.Module):
         and the gate weights are vetoed when the config says so."""
         router_in = self.lens(hidden) if self.lens is not None else hidden
         logits = self.router(router_in)
+        selection = self.expert_bias
+        offset = getattr(self.logit_lens, "offset", None)
+        if isinstance(offset, Tensor):
+            selection = offset if selection is None else selection + offset
         if self.slow_bias is None:
             return route_topk(
                 logits, self.top_k, self.active_mask, bias=router_bias, mode=self.bias_mode,
-                normalize=self.normalize_topk, selection_bias=self.expert_bias,
+                normalize=self.normalize_topk, selection_bias=selection,
             )
         beta = self.slow_bias.beta
         bias = beta if router_bias is None else beta + router_bias.to(beta.dtype)
         return route_with_bias(
             logits, self.top_k, self.active_mask, bias, mode=self.bias_mode, normalize=self.normalize_topk,
-            veto=self.slow_bias.config.bridge.veto, token_mask=token_mask, selection_bias=self.expert_bias,
+            veto=self.slow_bias.config.bridge.veto, token_mask=token_mask, selection_bias=selection,
         )
 
     def _capacity_keep(self, topk_index: Tensor) -> Tensor:

@@ -21,10 +21,11 @@ READINGS_FILE = "readings.jsonl"
 CONTROL_FILE = "control_decisions.jsonl"
 LINEAGE_FILE = "lineage.json"
 BASINS_FILE = "basins.json"
+AUDITS_FILE = "audits.jsonl"
 DECISIONS_FILE = "lifecycle_decisions.jsonl"
 BASIN_TOP_TOKENS = 20
 
-PER_EXPERT_METRICS = ("phi_fast", "phi_mid", "phi_slow", "share", "beta")
+PER_EXPERT_METRICS = ("phi_fast", "phi_mid", "phi_slow", "share", "beta", "offset")
 LAYER_METRICS = ("neff", "top2", "dead", "active", "psi_slow", "beta_absmax", "lens_scale", "alerts")
 
 
@@ -63,7 +64,7 @@ class RunLog:
         files = {
             "routing_events": self.telemetry.events_path.name, "snapshots": self.telemetry.snapshots_path.name,
             "readings": READINGS_FILE, "decisions": DECISIONS_FILE, "control": CONTROL_FILE,
-            "lineage": LINEAGE_FILE, "basins": BASINS_FILE,
+            "lineage": LINEAGE_FILE, "basins": BASINS_FILE, "audits": AUDITS_FILE,
         }
         self.telemetry.update_manifest(files=files)
 
@@ -86,6 +87,10 @@ class RunLog:
         rows = [c.to_dict() for c in control if callable(getattr(c, "to_dict", None))]
         if rows:
             append_jsonl(self.path(CONTROL_FILE), rows)
+
+    def write_audit(self, record: Mapping[str, Any]) -> None:
+        """One audited edit: predicted vs realised effect and the verdict (`lifecycle.audit.AuditRecord`)."""
+        append_jsonl(self.path(AUDITS_FILE), [record])
 
     def write_lineage(self, step: int, experts: Iterable[Mapping[str, Any]]) -> None:
         keep = ("expert_id", "layer", "slot", "state", "born_step", "origin", "parent_id", "absorbed_ids",

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,11 +48,25 @@ from torch.utils.hooks import RemovableHandle
 from .adapters import LayerBanks, MoELayerAdapter, adapter_for, registered_classes
 from .bias import SlowBias
 from .config import ChronoConfig
-from .lifecycle.cycle import LayerParts, LifecycleAction, apply_edit, decision_record, expert_readings, review
+from .governance import ControlConfig, Controller, LogitLens
+from .lifecycle.audit import Audit, AuditRecord, judge, slot_readings
+from .lifecycle.cycle import (
+    LayerParts,
+    LifecycleAction,
+    apply_edit,
+    decision_record,
+    expert_readings,
+    open_audit,
+    review,
+    roll_back,
+    rollback_record,
+    router_state,
+    slots_touched,
+)
 from .lifecycle.decisions import DecisionLog, DecisionRecord
-from .lifecycle.objective import LayerDecision
+from .lifecycle.objective import LayerDecision, free_energy
 from .observe.observer import LayerObserver
-from .ops import ExpertRegistry, OptimizerSurgery
+from .ops import ExpertRegistry, OptimizerSurgery, snapshot_slots
 from .runlog import BASIN_TOP_TOKENS, DECISIONS_FILE, RunLog, finite_or_none, layer_metrics, reading_record
 from .telemetry import COLLAPSE_CONFIRMED, AlertHistory, RoutingEvent, SystemSnapshot, TokenCounter
 from .trace import MoETrace
@@ -60,6 +75,8 @@ from .view import LayerView
 
 STATE_FORMAT = 2
 LIFECYCLE_DECISIONS_FILE = DECISIONS_FILE
+BUILTIN = "builtin"  # the default controller: the v2 lens controller driving a LogitLens per layer
+LOSS_HISTORY = 64  # (step, loss) readings kept for the audits
 
 
 @dataclass
@@ -89,8 +106,11 @@ def find_moe_layers(model: nn.Module) -> list[tuple[str, MoELayerAdapter]]:
 class ChronoSystem:
     """Attach chronomoe-v3 to a model: observers on its MoE layers, the three clocks, lifecycle edits.
 
-    `controller`: the mid clock, any object with `update(snapshot, lenses) -> list` (e.g.
-    `governance.Controller`), or None. `run_id` names the run in logs (default: a random id, saved in the
+    `controller`: the mid clock. By default (`"builtin"`) the v2 lens controller
+    (`governance.Controller`, ENTROPY_MAX steering) drives a `governance.LogitLens` on each layer's router
+    (docs/system.md); any object with `update(snapshot, lenses) -> list` may replace it (it then drives the
+    same lenses unless `step(lenses=...)` passes others); `controller=None` turns the mid clock off (the
+    explicit opt-out: no lenses are attached). `run_id` names the run in logs (default: a random id, saved in the
     state). `output_dir`: where the run directory `<output_dir>/<run_id>/` is written (decision log,
     readings, lineage, telemetry; docs/run_report.md); without it records are kept in memory only
     (`decision_log.records`). `seed` seeds the generator of the detector's sampling and of edit perturbations.
@@ -101,7 +121,7 @@ class ChronoSystem:
     def __init__(
         self,
         model: nn.Module,
-        controller: Any = None,
+        controller: Any = BUILTIN,
         config: ChronoConfig | None = None,
         run_id: str | None = None,
         output_dir: str | Path | None = None,
@@ -112,10 +132,10 @@ class ChronoSystem:
         self.config = config if config is not None else ChronoConfig()
         if not isinstance(self.config, ChronoConfig):
             raise ValueError(f"config is a {type(self.config).__name__}; expected a ChronoConfig")
-        if controller is not None and not callable(getattr(controller, "update", None)):
+        if controller is not None and controller != BUILTIN and not callable(getattr(controller, "update", None)):
             raise ValueError(
                 f"controller {type(controller).__name__} has no update(snapshot, lenses) method; expected a "
-                "Controller-like object or None"
+                f"Controller-like object, {BUILTIN!r} (the default) or None (mid clock off)"
             )
         found = find_moe_layers(model)
         if not found:
@@ -124,7 +144,6 @@ class ChronoSystem:
                 f"adapter ({registered_classes()}; see chronomoe_v3.adapters.register_adapter)"
             )
         self.model = model
-        self.controller = controller
         self.run_id = run_id if run_id is not None else f"run-{uuid.uuid4().hex[:12]}"
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.layer_names = [name for name, _ in found]
@@ -141,6 +160,16 @@ class ChronoSystem:
             for a, b in zip(self.adapters, self.banks, strict=True)
         ]
         self.biases: list[SlowBias | None] = [a.slow_bias(self.config) for a in self.adapters]
+        if controller == BUILTIN:
+            widths = [b.num_slots for b in self.banks]
+            controller = Controller(len(self.adapters), widths, ControlConfig(initial_mode="ENTROPY_MAX"))
+        self.controller = controller
+        self.lenses: dict[int, LogitLens] = {}
+        if controller is not None:
+            for i, (adapter, banks) in enumerate(zip(self.adapters, self.banks, strict=True)):
+                lens = LogitLens(banks.num_slots, self.config.mid.gain, self.config.mid.max_offset, layer_id=i)
+                adapter.set_logit_lens(lens.to(banks.active_mask.device))
+                self.lenses[i] = lens
         self.registry = ExpertRegistry([b.active_mask.detach().cpu() for b in self.banks], self.config)
         self.num_slots = max(b.num_slots for b in self.banks)
         self.counter = TokenCounter(len(self.layers), self.num_slots, device=self.device)
@@ -170,6 +199,11 @@ class ChronoSystem:
         self._token_used = [0] * len(self.layers)
         self.surgery: OptimizerSurgery | None = None
         self._surgery_state: Mapping[str, Any] | None = None  # loaded before an optimiser was attached
+        self.losses: list[tuple[int, float]] = []  # what step(loss=...) was given, with the step
+        self.audits: dict[int, Audit] = {}  # per layer, the executed edit under audit
+        self.audit_log: list[AuditRecord] = []
+        self.barred: dict[tuple[int, str], int] = {}  # (layer, edit kind) -> training step until which it waits
+        self.pressure: dict[int, float] = {}  # the mid clock's last pressure per layer
         self._handles: list[RemovableHandle] = [
             a.add_observer(self._make_observer(i)) for i, a in enumerate(self.adapters)
         ]
@@ -285,11 +319,13 @@ class ChronoSystem:
             }
         return out
 
-    def layer_view(self, i: int) -> LayerView:
-        """What the slow objective reads for layer i (on the host)."""
+    def layer_view(self, i: int, snapshot: SystemSnapshot | None = None) -> LayerView:
+        """What the slow objective reads for layer i (on the host), with the alerts `snapshot` raised on it and
+        the mid clock's last pressure on it."""
         e = self.banks[i].num_slots
         cooling = torch.tensor([self.registry.slot_state(i, s) == "cooling" for s in range(e)], dtype=torch.bool)
-        return self.observers[i].view(i, self.banks[i].active_mask, cooling)
+        alerts = [a.kind for a in snapshot.alerts_for(i)] if snapshot is not None else []
+        return self.observers[i].view(i, self.banks[i].active_mask, cooling, alerts, self.pressure.get(i, 0.0))
 
     def emergency_flags(self, snapshot: SystemSnapshot | None) -> dict[int, str]:
         """Layers with an emergency and why: degrading experts (`CoherenceState.degrading`) or COLLAPSE_CONFIRMED."""
@@ -320,11 +356,22 @@ class ChronoSystem:
             )
         if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
             raise ValueError(f"loss={loss!r} is invalid: expected a number or None")
+        if loss is not None and math.isfinite(loss):
+            self.losses.append((self.global_step, float(loss)))
+            del self.losses[:-LOSS_HISTORY]
         events: list[RoutingEvent] = []
         if snapshot is None:
             snapshot, events = self._snapshot()
         window_masks = [b.active_mask.detach().cpu().clone() for b in self.banks]
+        for i, lens in self.lenses.items():
+            lens.set_active_mask(window_masks[i])  # the shares of the snapshot are at this width
+        if lenses is None and self.lenses:
+            lenses = self.lenses
         control = list(self.controller.update(snapshot, lenses)) if self.controller is not None else []
+        for decision in control:  # the v2 ControlDecision reports each layer's pressure
+            computed = getattr(decision, "computed", None)
+            if isinstance(computed, Mapping) and "pressure" in computed:
+                self.pressure[int(decision.layer_id)] = float(computed["pressure"])
         self.step_calls += 1
         review_due = self.step_calls % self.config.lifecycle.eval_interval == 0
         step = self.global_step
@@ -334,11 +381,12 @@ class ChronoSystem:
                 if bias is not None:
                     bias.update(obs.coherence.phi_slow, self.banks[i].active_mask)
             self.registry.advance(step)
+        actions = self._close_audits(step)
         emergency = self.emergency_flags(snapshot)
-        actions: list[LifecycleAction] = []
         decisions: list[LayerDecision] = []
         if review_due or emergency:
-            actions, decisions = self._review(step, review_due, emergency)
+            edits, decisions = self._review(step, review_due, emergency, snapshot)
+            actions += edits
         if review_due:
             for i, obs in enumerate(self.observers):
                 share = torch.nan_to_num(obs.coherence.share_clocks[2], nan=0.0).clamp_min(0.0)
@@ -377,8 +425,9 @@ class ChronoSystem:
             neff, top2, dead = float(layer.n_effective), float(layer.top2_share), int(layer.dead_expert_count)
             alerts = [a.kind for a in snapshot.alerts_for(i)]
         coh = self.observers[i].coherence
-        lens = self.adapters[i].lens()
-        scale = getattr(lens, "scale", None)
+        logit_lens = self.lenses.get(i)
+        scale = logit_lens.scale if logit_lens is not None else getattr(self.adapters[i].lens(), "scale", None)
+        offset = logit_lens.offset.detach().cpu() if logit_lens is not None else torch.zeros(e)
 
         def row(t: Tensor) -> list[float | None]:
             return [finite_or_none(v) for v in t.tolist()]
@@ -388,7 +437,7 @@ class ChronoSystem:
             "expert_ids": [None if (r := self.registry.expert_at(i, s)) is None else r.expert_id for s in range(e)],
             "active": [bool(a) for a in reading["active"].tolist()],
             "phi_fast": row(reading["phi_fast"]), "phi_mid": row(reading["phi_mid"]),
-            "phi_slow": row(reading["phi_slow"]), "beta": row(reading["beta"]), "share": share,
+            "phi_slow": row(reading["phi_slow"]), "beta": row(reading["beta"]), "offset": row(offset), "share": share,
             "share_slow": row(reading["share_slow"]), "bimodality": row(reading["bimodality"]),
             "degrading": [bool(d) for d in coh.degrading(self.banks[i].active_mask).detach().cpu().tolist()],
             "neff": neff, "top2": top2, "dead": dead,
@@ -409,14 +458,54 @@ class ChronoSystem:
                     }
         return out
 
+    def _parts(self, i: int) -> LayerParts:
+        return LayerParts(self.banks[i], self.observers[i], self.biases[i], self._selection_biases(i))
+
+    def _close_audits(self, step: int) -> list[LifecycleAction]:
+        """Judge the edits whose audit window has passed; roll back the harmful ones (lifecycle/audit.py)."""
+        actions: list[LifecycleAction] = []
+        for i in sorted(self.audits):
+            audit = self.audits[i]
+            if step < audit.due_step:
+                continue
+            view = self.layer_view(i).to_host()
+            after = slot_readings(torch.nan_to_num(view.share_slow, nan=0.0), view.phi_slow, audit.slots)
+            losses = [(s, v) for s, v in self.losses if s > audit.edit_step]
+            F_now = free_energy(view, self.config)
+            harmful, verdict = judge(audit, F_now, after, losses, self.config, step)
+            del self.audits[i]
+            self.audit_log.append(verdict)
+            if self.runlog is not None:
+                self.runlog.write_audit(verdict.to_dict())
+            if not harmful:
+                continue
+            record = roll_back(audit, self._parts(i), self.registry, step=step, surgery=self.surgery)
+            self.last_edit_step[i] = step
+            self.barred[(i, audit.action)] = step + self.config.lifecycle.rollback_penalty_steps
+            rec = rollback_record(audit, verdict, run_id=self.run_id, F_now=F_now.total)
+            self.decision_log.append(rec)
+            actions.append(LifecycleAction(
+                step=step, layer_id=i, action="rollback", expert_id=audit.expert_id, child_id=audit.child_id,
+                reason=verdict.reason, trigger=rec.trigger, delta_F=0.0, record=record,
+            ))
+        return actions
+
     def _review(
-        self, step: int, review_due: bool, emergency: Mapping[int, str]
+        self, step: int, review_due: bool, emergency: Mapping[int, str], snapshot: SystemSnapshot | None = None
     ) -> tuple[list[LifecycleAction], list[LayerDecision]]:
-        views = {i: self.layer_view(i) for i in range(len(self.layers))}
+        views = {i: self.layer_view(i, snapshot) for i in range(len(self.layers))}
         cooldown = self.config.lifecycle.cooldown_steps
-        cooldown_ok = {i: last is None or step - last >= cooldown for i, last in enumerate(self.last_edit_step)}
+        cooldown_ok = {
+            i: (last is None or step - last >= cooldown) and i not in self.audits
+            for i, last in enumerate(self.last_edit_step)
+        }
         flags = {i: i in emergency for i in views}
-        decisions = review(views, self.config, cooldown_ok=cooldown_ok, emergency=flags, review_due=review_due)
+        barred: dict[int, list[str]] = {}
+        for (layer, action), until in self.barred.items():
+            if step < until:
+                barred.setdefault(layer, []).append(action)
+        decisions = review(views, self.config, cooldown_ok=cooldown_ok, emergency=flags, review_due=review_due,
+                           barred=barred)
         actions: list[LifecycleAction] = []
         for d in decisions:
             i = d.layer_id
@@ -440,7 +529,10 @@ class ChronoSystem:
                     self.decision_log.append(rec)
                 continue
             readings = expert_readings(views[i], self.observers[i].coherence, self.biases[i], edit.expert_id)
-            parts = LayerParts(self.banks[i], self.observers[i], self.biases[i], self.adapters[i].selection_bias())
+            parts = self._parts(i)
+            touched = slots_touched(edit, self.registry)
+            before = snapshot_slots(self.registry, self.banks[i], i, touched)
+            router_before = router_state(parts, touched)
             record = apply_edit(edit, parts, self.registry, views[i], step=step, generator=self.generator,
                                 surgery=self.surgery)
             self.last_edit_step[i] = step
@@ -448,11 +540,26 @@ class ChronoSystem:
                                   readings=readings, record=record)
             assert rec is not None
             self.decision_log.append(rec)
+            self.audits[i] = open_audit(
+                edit, record, parts, before, router_before, views[i], step=step, child_id=rec.child_id,
+                expert_id=rec.expert_id, losses=self.losses,
+            )
             actions.append(LifecycleAction(
                 step=step, layer_id=i, action=edit.action, expert_id=rec.expert_id, child_id=rec.child_id,
                 reason=rec.reason or "", trigger=trigger, delta_F=edit.delta_F, record=record,
             ))
         return actions, decisions
+
+    def _selection_biases(self, i: int) -> tuple[Tensor, ...]:
+        """Layer i's per-slot selection biases that edits must carry: a balancer's, the mid clock's offset."""
+        out = []
+        balancer = self.adapters[i].selection_bias()
+        if balancer is not None:
+            out.append(balancer)
+        lens = self.lenses.get(i)
+        if lens is not None:
+            out.append(lens.offset)
+        return tuple(out)
 
     @property
     def decisions(self) -> list[DecisionRecord]:
@@ -484,6 +591,11 @@ class ChronoSystem:
             "decisions": [r.to_json() for r in self.decision_log.records],
             "surgery": None if surgery is None else copy.deepcopy(dict(surgery)),
             "vocabulary": None if self.vocabulary is None else list(self.vocabulary),
+            "losses": [list(p) for p in self.losses],
+            "audits": {str(i): a.state_dict() for i, a in self.audits.items()},
+            "audit_log": [r.to_dict() for r in self.audit_log],
+            "barred": [[layer, action, until] for (layer, action), until in self.barred.items()],
+            "pressure": {str(i): p for i, p in self.pressure.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -560,6 +672,11 @@ class ChronoSystem:
         self.last_edit_step = [None if int(s) < 0 else int(s) for s in state["last_edit_step"]]
         self.alert_history = AlertHistory(dict(state["alert_history"]))
         self.generator = generator
+        self.losses = [(int(s), float(v)) for s, v in state["losses"]]
+        self.audits = {int(i): Audit.from_state_dict(a) for i, a in state["audits"].items()}
+        self.audit_log = [AuditRecord(**r) for r in state["audit_log"]]
+        self.barred = {(int(layer), str(action)): int(until) for layer, action, until in state["barred"]}
+        self.pressure = {int(i): float(p) for i, p in state["pressure"].items()}
         vocabulary = state.get("vocabulary")
         self.vocabulary = None if vocabulary is None else [str(w) for w in vocabulary]
         if self.output_dir is not None and self.decision_log.path != self._log_path():

@@ -19,7 +19,6 @@ class LayerView:
     active [E] bool: slots in play (router unmasked), cooling experts included.
     cooling [E] bool: born and not yet judged; never a candidate.
     phi_slow [E]: debiased slow coherence, NaN = unmeasured. share_slow [E]: slow token share.
-    fired [E] bool: share > 0 on at least one step of the recent window (False only after a full window).
     role [E, H]: role vectors (NaN rows = never measured). bimodality [E]: BimodalityState.bimodality.
     coactivation [E, E]: co-routing over the window, any scale (only ratios are read): row e sums, over
     tokens with e among the clean top-2, the router's interchangeability `min(1, p_f / p_e)` (so the
@@ -27,6 +26,11 @@ class LayerView:
     `starvation_fraction`. observations [E]: measured steps.
     centroid_phi / centroid_weights [2, E] (optional): BimodalityState readings for the split prediction
     (each role's predicted coherence as a split child, and its traffic share).
+    evidence [E] (optional): tokens each expert was routed over the slow window (a count decayed at the slow
+    clock's retention), what a judged reading rests on. phi_fast [E] (optional): the fast clock's phi.
+    degrading [E] bool (optional): the degrading flag. alerts: the v2 alert kinds raised on this layer at
+    this review (PRE_COLLAPSE, COLLAPSE_CONFIRMED). pressure: the mid clock's redistribution pressure on the
+    layer (0 without a mid clock): a layer under pressure is still being rebalanced.
     """
 
     layer_id: int
@@ -34,7 +38,6 @@ class LayerView:
     cooling: Tensor
     phi_slow: Tensor
     share_slow: Tensor
-    fired: Tensor
     role: Tensor
     bimodality: Tensor
     coactivation: Tensor
@@ -42,6 +45,11 @@ class LayerView:
     observations: Tensor
     centroid_phi: Tensor | None = None
     centroid_weights: Tensor | None = None
+    evidence: Tensor | None = None
+    phi_fast: Tensor | None = None
+    degrading: Tensor | None = None
+    alerts: tuple[str, ...] = ()
+    pressure: float = 0.0
 
     @property
     def num_slots(self) -> int:
@@ -51,12 +59,12 @@ class LayerView:
         e = self.num_slots
         vectors = {
             "active": self.active, "cooling": self.cooling, "phi_slow": self.phi_slow, "share_slow": self.share_slow,
-            "fired": self.fired, "bimodality": self.bimodality, "observations": self.observations,
+            "bimodality": self.bimodality, "observations": self.observations,
         }
         for name, t in vectors.items():
             if tuple(t.shape) != (e,):
                 raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected ({e},)")
-        for name in ("active", "cooling", "fired"):
+        for name in ("active", "cooling"):
             if vectors[name].dtype != torch.bool:
                 raise ValueError(f"LayerView.{name} has dtype {vectors[name].dtype}; expected torch.bool")
         if self.role.dim() != 2 or self.role.shape[0] != e:
@@ -67,6 +75,12 @@ class LayerView:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (2, e):
                 raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected (2, {e})")
+        for name in ("evidence", "phi_fast", "degrading"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (e,):
+                raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected ({e},)")
+        if self.degrading is not None and self.degrading.dtype != torch.bool:
+            raise ValueError(f"LayerView.degrading has dtype {self.degrading.dtype}; expected torch.bool")
         s = float(self.starvation)
         if not 0.0 <= s <= 1.0:
             raise ValueError(f"LayerView.starvation={s!r} is invalid: expected a fraction in [0, 1]")
@@ -85,7 +99,6 @@ class LayerView:
             cooling=self.cooling.detach().cpu(),
             phi_slow=f(self.phi_slow),
             share_slow=f(self.share_slow),
-            fired=self.fired.detach().cpu(),
             role=f(self.role),
             bimodality=f(self.bimodality),
             coactivation=f(self.coactivation),
@@ -93,4 +106,9 @@ class LayerView:
             observations=self.observations.detach().cpu().to(torch.int64),
             centroid_phi=None if self.centroid_phi is None else f(self.centroid_phi),
             centroid_weights=None if self.centroid_weights is None else f(self.centroid_weights),
+            evidence=None if self.evidence is None else f(self.evidence),
+            phi_fast=None if self.phi_fast is None else f(self.phi_fast),
+            degrading=None if self.degrading is None else self.degrading.detach().cpu(),
+            alerts=tuple(str(a) for a in self.alerts),
+            pressure=float(self.pressure),
         )

@@ -34,7 +34,7 @@ def main(steps: int = 120, seq: int = 64, batch: int = 8, out: Path | None = Non
     config = ChronoConfig(
         lifecycle=LifecycleConfig(eval_interval=10, cooldown_steps=40, cooling_period=40),
         degrade=DegradeConfig(min_observations=50),
-        objective=ObjectiveConfig(min_observations_to_judge=50, fired_window=30),
+        objective=ObjectiveConfig(min_observations_to_judge=50),
         basins=BasinConfig(history=30),
     )
     system = ChronoSystem(model, config=config, run_id="lifecycle-demo", output_dir=out)

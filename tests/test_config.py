@@ -23,7 +23,8 @@ def test_defaults_match_the_design():
     o = c.objective
     assert (o.lambda_complexity, o.rho_redundancy, o.kappa_instability) == (0.01, 0.1, 0.1)
     lc = c.lifecycle
-    assert (o.min_improvement, lc.max_edits_per_cycle, lc.cooldown_steps) == (0.01, 1, 500)
+    assert (o.min_improvement, lc.max_edits_per_cycle, lc.cooldown_steps, lc.eval_interval) == (0.01, 1, 300, 2)
+    assert (lc.audit_steps, o.min_evidence_tokens) == (300, 4096.0)
     assert (lc.min_experts_per_layer, lc.max_experts_per_layer) == (2, 16)
     assert lc.spawn_strategy == "clone_and_perturb"
     assert lc.perturbation_scale == 0.01

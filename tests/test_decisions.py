@@ -100,7 +100,7 @@ def nothing_record() -> DecisionRecord:
 def test_line_format_follows_spec_order_and_optional_keys() -> None:
     full = split_record().to_dict()
     assert list(full) == SPEC_KEYS
-    assert list(full["coherence_state"]) == ["phi_fast", "phi_mid", "phi_slow", "beta", "bimodality"]
+    assert list(full["coherence_state"]) == ["phi_fast", "phi_mid", "phi_slow", "beta", "bimodality", "evidence"]
     assert list(full["free_energy"]) == ["F_before", "F_after_predicted", "delta_F", "components"]
     assert list(full["free_energy"]["components"]) == [
         "misfit_delta", "complexity_delta", "redundancy_delta", "instability_delta",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,14 @@ from chronomoe_v3.toy.models import TinyMoELM
 torch.set_num_threads(1)
 
 FAST = ChronoConfig(
-    lifecycle=LifecycleConfig(eval_interval=3, cooldown_steps=6, cooling_period=6),
+    lifecycle=LifecycleConfig(eval_interval=3, cooldown_steps=6, cooling_period=6, audit_steps=6),
     degrade=DegradeConfig(min_observations=5),
-    objective=ObjectiveConfig(min_observations_to_judge=5, fired_window=8),
+    objective=ObjectiveConfig(min_observations_to_judge=5, min_evidence_tokens=50),
     basins=BasinConfig(history=8),
 )
+# For the resume test: a permissive prune rule, so that edits (and audits, rollbacks) happen within 24 steps.
+EDITFUL = replace(FAST, objective=replace(FAST.objective, prune_coherence_floor=1.0, prune_max_share=1.0,
+                                          prune_min_absorbable=0.0))
 
 
 def _model(seed: int = 0) -> TinyMoELM:
@@ -39,12 +43,13 @@ def _batch(step: int) -> torch.Tensor:
     return torch.randint(0, 24, (4, 13), generator=g)
 
 
-def _train_step(model: TinyMoELM, opt: torch.optim.Optimizer, step: int) -> None:
+def _train_step(model: TinyMoELM, opt: torch.optim.Optimizer, step: int) -> float:
     x = _batch(step)
     loss = model.loss(x[:, :-1], x[:, 1:])
     opt.zero_grad()
     loss.backward()
     opt.step()
+    return float(loss.detach())
 
 
 def test_model_without_moe_layer_is_refused() -> None:
@@ -160,14 +165,14 @@ _SCRIPT = textwrap.dedent('''
     import sys, torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
-    from test_system import FAST, _model, _train_step
+    from test_system import EDITFUL, _model, _train_step
     from chronomoe_v3.system import ChronoSystem
     from chronomoe_v3.governance.controller import Controller
 
     n, half = int(sys.argv[1]), int(sys.argv[2])
     mode, ckpt, out, logdir = sys.argv[3:7]
     model = _model()
-    system = ChronoSystem(model, controller=Controller(2, 4), config=FAST, run_id="resume", output_dir=logdir)
+    system = ChronoSystem(model, controller=Controller(2, 4), config=EDITFUL, run_id="resume", output_dir=logdir)
     opt = torch.optim.Adam(model.parameters(), lr=2e-2)
     system.attach_optimizer(opt)
     start = 0
@@ -178,8 +183,8 @@ _SCRIPT = textwrap.dedent('''
         system.load_state_dict(saved["system"])
         start = half
     for step in range(start, n):
-        _train_step(model, opt, step)
-        system.step()
+        loss = _train_step(model, opt, step)
+        system.step(loss=loss)
         if mode == "first" and step + 1 == half:
             torch.save({{"model": model.state_dict(), "opt": opt.state_dict(), "system": system.state_dict()}}, ckpt)
             break

@@ -1,7 +1,7 @@
 """The v2 governance contract: the router-input lens and the mid-clock controller that drives it."""
 
 from .controller import ControlConfig, ControlDecision, Controller, LensLike, plan_layer, topology_debt
-from .lens import ChronoLens, IdentityLens, SteeringMode, steering_weights
+from .lens import ChronoLens, IdentityLens, LogitLens, SteeringMode, steering_weights
 
 __all__ = [
     "ChronoLens",
@@ -10,6 +10,7 @@ __all__ = [
     "Controller",
     "IdentityLens",
     "LensLike",
+    "LogitLens",
     "SteeringMode",
     "plan_layer",
     "steering_weights",

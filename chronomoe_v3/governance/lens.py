@@ -260,3 +260,114 @@ class IdentityLens(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class LogitLens(nn.Module):
+    """The mid clock's actuator on a router's logits: a per-slot *selection* offset that moves tokens from
+    dominant experts to starved ones, integrated from the controller's pressure.
+
+    A controller drives it like any lens (`set_steering_mode`, `update_steering(shares)`, `set_scale(s)`):
+    `update_steering` computes steering weights `c` from the window's utilisation shares (by default
+    ENTROPY_MAX: `c_e = -log(n s_e)`, centred over the active slots, so the offsets keep mean 0), and
+    `set_scale(s)` integrates them: `offset <- clip(offset + gain * s * c, -max_offset, max_offset)`. The
+    layer adds `offset` to the scores that choose the top-k and to nothing else (gate weights stay the
+    router's, as in aux-loss-free balancing), so it redistributes traffic without distorting what the chosen
+    experts are weighted by. A controller that abstains (scale 0) leaves the offset where it is: like an
+    aux-loss-free bias, what it learned keeps the layer balanced. Unlike an input lens (`ChronoLens`), whose
+    push is one direction in the router's input space (a rank-1 change of the logits), this reaches every
+    expert's logit independently; `experiments/` and docs/results.md have the comparison on a collapsed start.
+    """
+
+    offset: torch.Tensor
+    steering: torch.Tensor
+    scale: torch.Tensor
+    active_mask: torch.Tensor
+
+    def __init__(
+        self,
+        num_slots: int,
+        gain: float = 1.0,
+        max_offset: float = 8.0,
+        layer_id: int = 0,
+        mode: str | SteeringMode = SteeringMode.ENTROPY_MAX,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
+            raise ValueError(f"num_slots={num_slots!r} is invalid: expected an integer >= 1")
+        for name, value in (("gain", gain), ("max_offset", max_offset)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r} is invalid: expected a finite number >= 0")
+        self.gain = float(gain)
+        self.max_offset = float(max_offset)
+        self.layer_id = layer_id
+        self.mode = parse_steering_mode(mode)
+        self.register_buffer("offset", torch.zeros(num_slots, dtype=torch.float32))
+        self.register_buffer("steering", torch.zeros(num_slots, dtype=torch.float32))
+        self.register_buffer("scale", torch.zeros((), dtype=torch.float32))
+        self.register_buffer("active_mask", torch.ones(num_slots, dtype=torch.bool), persistent=False)
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.offset.shape[0])
+
+    @property
+    def s(self) -> float:
+        """The last scale the controller set (reading never changes state)."""
+        return float(self.scale.detach().cpu())
+
+    def set_steering_mode(self, mode: str | SteeringMode) -> None:
+        self.mode = parse_steering_mode(mode)
+
+    def set_active_mask(self, active_mask: torch.Tensor | Sequence[bool]) -> None:
+        """Which slots are live experts (shares of `update_steering` map onto its True slots)."""
+        mask = torch.as_tensor(active_mask, dtype=torch.bool).detach().flatten()
+        if mask.numel() != self.num_slots:
+            raise ValueError(f"active_mask must have {self.num_slots} entries, got {mask.numel()}")
+        self.active_mask = mask.to(self.offset.device)
+
+    def update_steering(
+        self,
+        utilization_shares: torch.Tensor | np.ndarray | Sequence[float],
+        active_mask: torch.Tensor | Sequence[bool] | None = None,
+    ) -> None:
+        """Steering weights from shares (active width, ascending slot order, or full width), centred over the
+        active slots."""
+        if active_mask is not None:
+            self.set_active_mask(active_mask)
+        shares = torch.as_tensor(np.asarray(utilization_shares, dtype=np.float32)).flatten()
+        if not bool(torch.isfinite(shares).all()) or bool((shares < 0).any()):
+            raise ValueError(f"utilization_shares must be finite and >= 0, got {shares.tolist()}")
+        mask = self.active_mask.cpu()
+        n_active = int(mask.sum())
+        if shares.numel() == n_active:
+            full = torch.zeros(self.num_slots)
+            full[mask] = shares
+        elif shares.numel() == self.num_slots:
+            full = shares * mask
+        else:
+            raise ValueError(
+                f"utilization_shares must have {n_active} (active) or {self.num_slots} (all slots) entries, "
+                f"got {shares.numel()}"
+            )
+        c = steering_weights(full, mask, self.mode)
+        c = torch.where(mask, c - c[mask].mean() if n_active else c, torch.zeros_like(c))
+        self.steering = c.to(self.offset.device)
+
+    @torch.no_grad()
+    def set_scale(self, s: float | torch.Tensor) -> None:
+        """Record the controller's scale and integrate: `offset += gain * s * steering` (clipped)."""
+        value = float(s.detach()) if isinstance(s, torch.Tensor) else s
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"scale must be a finite float >= 0, got {s!r}")
+        self.scale.fill_(float(value))
+        if value > 0:
+            step = self.gain * float(value) * self.steering
+            self.offset.copy_((self.offset + step).clamp(-self.max_offset, self.max_offset))
+        self.steering.zero_()  # each integration uses the shares of its own window once
+
+    def get_norms(self) -> dict[str, float]:
+        """Report-time diagnostics: scale and the largest offset."""
+        return {"scale": self.s, "offset_absmax": float(self.offset.abs().max())}
+
+    def extra_repr(self) -> str:
+        return f"num_slots={self.num_slots}, gain={self.gain}, max_offset={self.max_offset}, mode={self.mode.value}"

@@ -43,11 +43,24 @@ from ..config import ChronoConfig
 from ..observe.bimodality import BimodalityState
 from ..observe.coherence import CoherenceState
 from ..observe.observer import LayerObserver
-from ..ops import EditError, EditRecord, ExpertRegistry, OptimizerSurgery, merge, prune, spawn, split
+from ..ops import (
+    EditError,
+    EditRecord,
+    ExpertRegistry,
+    OptimizerSurgery,
+    SlotSnapshot,
+    merge,
+    prune,
+    replace,
+    revert,
+    spawn,
+    split,
+)
 from ..ops.common import separating_offsets
 from ..view import LayerView
+from .audit import LOSS_WINDOW, Audit, AuditRecord, slot_readings
 from .decisions import CompetingEdit, DecisionRecord, ExpertCoherence, PredictedFreeEnergy
-from .objective import EditCandidate, LayerDecision, propose_edits
+from .objective import ACTIONS, EditCandidate, LayerDecision, propose_edits
 from .select import select_edits
 
 
@@ -69,12 +82,13 @@ class LifecycleAction:
 @dataclass
 class LayerParts:
     """What an edit of one layer touches besides the registry: its weights (`banks`), its fast state
-    (`observer`), and its router-side per-slot state (the slow bias, an aux-loss-free balancer's bias)."""
+    (`observer`), and its router-side per-slot state (the slow bias; selection biases: an aux-loss-free
+    balancer's bias, the mid clock's `LogitLens` offset)."""
 
     banks: LayerBanks
     observer: LayerObserver
     bias: SlowBias | None = None
-    selection_bias: Tensor | None = None
+    selection_biases: tuple[Tensor, ...] = ()
 
 
 def review(
@@ -84,9 +98,15 @@ def review(
     cooldown_ok: Mapping[int, bool],
     emergency: Mapping[int, bool],
     review_due: bool,
+    barred: Mapping[int, Sequence[str]] | None = None,
 ) -> list[LayerDecision]:
-    """Propose and score candidates for each layer, then select under the cycle's rules."""
-    candidates = {lid: propose_edits(view, config) for lid, view in views.items()}
+    """Propose and score candidates for each layer, then select under the cycle's rules. `barred[layer]`: edit
+    kinds not proposed in that layer now (a recent edit of that kind there was rolled back)."""
+    barred = barred or {}
+    candidates = {
+        lid: [c for c in propose_edits(view, config) if c.action not in barred.get(lid, ())]
+        for lid, view in views.items()
+    }
     return select_edits(candidates, config, cooldown_ok, emergency, review_due=review_due)
 
 
@@ -161,13 +181,89 @@ def apply_edit(
             registry, banks, layer, step=step, parent=clone, strategy=strategy, generator=generator,
             optimizer=surgery,
         )
+    elif edit.action == "replace":
+        assert edit.expert_id is not None and edit.partner_id is not None
+        record = replace(
+            registry, banks, layer, edit.expert_id, edit.partner_id, step=step, generator=generator,
+            optimizer=surgery,
+        )
     else:
-        raise ValueError(f"edit action {edit.action!r} is invalid: expected prune, merge, split or spawn")
+        raise ValueError(f"edit action {edit.action!r} is invalid: expected one of {list(ACTIONS)}")
     for slot in list(record.parked_slots) + ([] if edit.action == "split" else list(record.fresh_slots)):
         _set_beta(bias, slot, 0.0)
-    if parts.selection_bias is not None:
+    if edit.action != "replace":  # a replacement keeps its slot's router row, so its selection biases too
         sibling = record.kept_slots[0] if record.kind == "split" and record.kept_slots else None
-        reset_expert_bias(parts.selection_bias, banks.active_mask, record.fresh_slots, record.parked_slots, sibling)
+        for selection_bias in parts.selection_biases:
+            reset_expert_bias(selection_bias, banks.active_mask, record.fresh_slots, record.parked_slots, sibling)
+    parts.observer.on_edit(record)
+    return record
+
+
+def slots_touched(edit: EditCandidate, registry: ExpertRegistry) -> tuple[int, ...]:
+    """The slots an edit will change, known before it runs (a new expert takes the lowest free slot)."""
+    layer = edit.layer_id
+    slots = [s for s in (edit.expert_id, edit.partner_id if edit.action == "merge" else None) if s is not None]
+    if edit.action in ("split", "spawn"):
+        free = registry.free_slots(layer)
+        slots += free[:1]
+    return tuple(sorted(set(slots)))
+
+
+def router_state(parts: LayerParts, slots: Sequence[int]) -> dict[str, list[float]]:
+    """The router-side per-slot values of `slots` (beta, each selection bias), for an undo."""
+    out: dict[str, list[float]] = {}
+    if parts.bias is not None:
+        out["beta"] = [float(parts.bias.beta[s]) for s in slots]
+    for k, t in enumerate(parts.selection_biases):
+        out[f"selection_{k}"] = [float(t[s]) for s in slots]
+    return out
+
+
+def open_audit(
+    edit: EditCandidate,
+    record: EditRecord,
+    parts: LayerParts,
+    before: tuple[SlotSnapshot, ...],
+    router_before: dict[str, list[float]],
+    view: LayerView,
+    *,
+    step: int,
+    child_id: str | None,
+    expert_id: str | None,
+    losses: Sequence[tuple[int, float]],
+) -> Audit:
+    """Start the audit of an edit that has just run (`before`/`router_before` taken before it ran)."""
+    config = parts.observer.config
+    slots = tuple(s.slot for s in before)
+    view = view.to_host()
+    return Audit(
+        layer=edit.layer_id, edit_step=step, due_step=step + config.lifecycle.audit_steps, action=edit.action,
+        expert_id=expert_id, child_id=child_id, predicted=edit.delta, F_before=edit.F_before, slots=slots,
+        before=before, router_before=router_before,
+        readings_before=slot_readings(torch.nan_to_num(view.share_slow, nan=0.0), view.phi_slow, slots),
+        losses_before=[(int(s), float(v)) for s, v in losses if s <= step][-LOSS_WINDOW:],
+    )
+
+
+def roll_back(
+    audit: Audit, parts: LayerParts, registry: ExpertRegistry, *, step: int, surgery: OptimizerSurgery | None = None
+) -> EditRecord:
+    """Undo an audited edit: the slots get back their experts' weights (`ops.revert`, optimiser state fresh
+    where an expert is restored), beta and the selection biases their values, and the fast state follows
+    (`on_edit`)."""
+    record = revert(registry, parts.banks, audit.layer, audit.before, step=step, optimizer=surgery)
+    slots = list(audit.slots)
+    if parts.bias is not None and "beta" in audit.router_before:
+        c = parts.bias.config.bias
+        values = torch.zeros(parts.bias.num_experts)
+        for slot, v in zip(slots, audit.router_before["beta"], strict=True):
+            values[slot] = min(max(v, c.beta_min), c.beta_max)
+        parts.bias.set_beta(values, _slot_mask(parts.bias.num_experts, slots, torch.device("cpu")))
+    for k, t in enumerate(parts.selection_biases):
+        saved = audit.router_before.get(f"selection_{k}")
+        if saved is not None:
+            with torch.no_grad():
+                t[slots] = torch.tensor(saved, dtype=t.dtype, device=t.device)
     parts.observer.on_edit(record)
     return record
 
@@ -197,6 +293,7 @@ def expert_readings(view: LayerView, coh: CoherenceState, bias: SlowBias | None,
         phi_fast=num(clocks[0]), phi_mid=num(clocks[1]), phi_slow=num(clocks[2]),
         beta=None if bias is None else float(bias.beta[slot]),
         bimodality=num(float(view.bimodality[slot])),
+        evidence=None if view.evidence is None else num(float(view.evidence[slot])),
     )
 
 
@@ -235,7 +332,7 @@ def decision_record(
         )
     child: str | None = None
     if record is not None:
-        if edit.action in ("spawn", "split"):
+        if edit.action in ("spawn", "split", "replace"):
             child = record.born_ids[-1] if record.born_ids else None
         elif edit.action == "merge":
             child = _id(slot_ids, edit.partner_id)
@@ -247,4 +344,15 @@ def decision_record(
             edit.F_before, edit.F_after_predicted, edit.delta_F, d.misfit, d.complexity, d.redundancy, d.instability
         ),
         trigger=trigger, competing_edits=competing, reason=f"{decision.reason}; {edit.reason}",
+    )
+
+
+def rollback_record(audit: Audit, verdict: AuditRecord, *, run_id: str, F_now: float) -> DecisionRecord:
+    """The decision-log line of a rollback: which edit was undone, and why (the audit's verdict)."""
+    return DecisionRecord(
+        step=verdict.step, run_id=run_id, clock="slow", action="rollback", layer_id=audit.layer,
+        expert_id=audit.expert_id, coherence_state=ExpertCoherence(),
+        free_energy=PredictedFreeEnergy.unchanged(F_now),
+        trigger=f"audit of the {audit.action} at step {audit.edit_step}", child_id=audit.child_id,
+        reason=verdict.reason,
     )

@@ -2,13 +2,16 @@
 
 Line format (schema: `docs/decision_log.schema.json`, JSON Schema draft 2020-12), keys in this order:
 `{step, run_id, clock, action, layer_id, expert_id, child_id?, coherence_state{phi_fast, phi_mid, phi_slow,
-beta, bimodality}, free_energy{F_before, F_after_predicted, delta_F, components{misfit_delta,
+beta, bimodality, evidence?}, free_energy{F_before, F_after_predicted, delta_F, components{misfit_delta,
 complexity_delta, redundancy_delta, instability_delta}}, competing_edits[{action, expert_id, partner_id,
 delta_F, reason}], trigger, reason?}`.
 
+- `action`: an edit (prune, merge, split, spawn, replace), `rollback` (an audit found the edit of
+  `expert_id` at an earlier step harmful and undid it) or do_nothing.
 - `expert_id`: registry id (e.g. "L2_E5") of the expert acted on (pruned, split parent, merge: the absorbed
-  one); null for spawn and do_nothing. `child_id` (only when present): the new expert (spawn, split) or
-  the merge survivor. Coherence readings are null where unknown (NaN is written as null).
+  one, replaced); null for spawn and do_nothing. `child_id` (only when present): the new expert (spawn,
+  split, replace) or the merge survivor. Coherence readings are null where unknown (NaN is written as null);
+  `evidence` is the tokens the readings rest on.
 - The four components are the weighted terms of the predicted delta_F (they sum to it); a do_nothing
   record predicts F_after == F_before.
 
@@ -28,8 +31,8 @@ from typing import Any
 
 from ..jsonl import drop_torn_tail, load_jsonl
 
-RECORD_ACTIONS = ("prune", "merge", "split", "spawn", "do_nothing")
-EDIT_ACTIONS = ("prune", "merge", "split", "spawn")
+RECORD_ACTIONS = ("prune", "merge", "split", "spawn", "replace", "rollback", "do_nothing")
+EDIT_ACTIONS = ("prune", "merge", "split", "spawn", "replace")
 CLOCKS = ("fast", "mid", "slow")
 PathLike = str | os.PathLike[str]
 _TOLERANCE = 1e-6
@@ -71,26 +74,28 @@ def _keys(name: str, data: Mapping[str, Any], required: Sequence[str], optional:
 
 @dataclass(frozen=True)
 class ExpertCoherence:
-    """The acted-on expert's readings at decision time; None where unknown (e.g. spawn, do_nothing)."""
+    """The acted-on expert's readings at decision time; None where unknown (e.g. spawn, do_nothing).
+    `evidence`: the tokens routed to the expert over the slow window, what its readings rest on."""
 
     phi_fast: float | None = None
     phi_mid: float | None = None
     phi_slow: float | None = None
     beta: float | None = None
     bimodality: float | None = None
+    evidence: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("phi_fast", "phi_mid", "phi_slow", "beta", "bimodality"):
+        for name in ("phi_fast", "phi_mid", "phi_slow", "beta", "bimodality", "evidence"):
             object.__setattr__(self, name, _optional_number(name, getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("phi_fast", "phi_mid", "phi_slow", "beta", "bimodality")}
+        return {k: getattr(self, k) for k in ("phi_fast", "phi_mid", "phi_slow", "beta", "bimodality", "evidence")}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExpertCoherence:
         keys = ("phi_fast", "phi_mid", "phi_slow", "beta", "bimodality")
-        _keys("coherence_state", data, keys)
-        return cls(**{k: data[k] for k in keys})
+        _keys("coherence_state", data, keys, ("evidence",))
+        return cls(**{k: data[k] for k in keys}, evidence=data.get("evidence"))
 
 
 @dataclass(frozen=True)

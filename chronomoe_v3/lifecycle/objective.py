@@ -65,8 +65,11 @@ from ..config import ChronoConfig, ObjectiveConfig
 from ..observe.coherence import layer_coherence
 from ..view import LayerView
 
-ACTIONS = ("prune", "merge", "split", "spawn")
-ADDITIVE_ACTIONS = ("spawn", "split")
+ACTIONS = ("prune", "merge", "split", "spawn", "replace")
+# What an emergency review may run before the regular review: capacity that adds (spawn, split) and the repair
+# of a degrading expert (replace); removals (prune, merge) wait for the slow clock.
+EARLY_ACTIONS = ("spawn", "split", "replace")
+CONCENTRATION_ALERTS = ("PRE_COLLAPSE", "COLLAPSE_CONFIRMED")
 _EPS = 1e-12
 
 
@@ -88,8 +91,9 @@ class FreeEnergy:
 class EditCandidate:
     """One proposed edit of one layer and its predicted effect.
 
-    `expert_id`: the slot acted on (pruned expert, split parent, merge: the absorbed expert; None for
-    spawn). `partner_id`: the merge survivor. `delta`: predicted weighted component deltas.
+    `expert_id`: the slot acted on (pruned expert, split parent, merge: the absorbed expert, replaced expert;
+    None for spawn). `partner_id`: the merge survivor, or the replacement's donor. `delta`: predicted weighted
+    component deltas.
     """
 
     action: str
@@ -99,7 +103,6 @@ class EditCandidate:
     delta: FreeEnergy
     reason: str
     partner_id: int | None = None
-    fallback: bool = False
 
     @property
     def delta_F(self) -> float:
@@ -231,9 +234,10 @@ class _Layer:
     overlap: Tensor
     excess: Tensor
     measured: Tensor
-    judged: Tensor  # active, not cooling, measured, observed >= min_observations_to_judge
-    eligible: Tensor  # active, not cooling
+    judged: Tensor  # active, not cooling, measured, enough evidence
+    degrading: Tensor
     n_in_play: int
+    concentrated: str  # why the layer counts as concentrated ("" when it does not)
 
     @property
     def can_remove(self) -> bool:
@@ -250,71 +254,100 @@ class _Layer:
         return -c.rho_redundancy * float(self.redundancy[e].sum()), -c.kappa_instability * float(self.excess[e])
 
 
+def concentration(view: LayerView, config: ChronoConfig) -> str:
+    """Why the layer's routing counts as concentrated (the collapse condition of the v2 alerts, on the slow
+    shares of the experts in play; an alert raised on the layer now; or the mid clock still pressing to
+    rebalance it), or "" when it does not. In a concentrated layer low traffic and look-alike experts are the
+    router's doing: nothing is removed there."""
+    c = config.objective
+    in_play, _ = _masks(view)
+    n = int(in_play.sum())
+    alerts = sorted({a for a in view.alerts if a in CONCENTRATION_ALERTS})
+    if alerts:
+        return f"{', '.join(alerts)} raised on the layer"
+    if view.pressure > c.concentration_pressure:
+        return f"mid-clock pressure {view.pressure:.3f} > {c.concentration_pressure} (still being rebalanced)"
+    shares = torch.where(in_play, torch.nan_to_num(view.share_slow, nan=0.0).clamp_min(0.0), 0.0)
+    total = float(shares.sum())
+    if n < 2 or total <= 0:
+        return ""
+    p = shares[in_play] / total
+    nz = p[p > 1e-10]
+    neff = float(torch.exp(-(nz * nz.log()).sum()))
+    top2 = float(p.topk(min(2, n)).values.sum())
+    if neff < c.concentration_neff * n:
+        return f"Neff {neff:.2f} < {c.concentration_neff} x {n} experts"
+    if n > 2 and top2 > c.concentration_top2:
+        return f"top-2 share {top2:.2f} > {c.concentration_top2}"
+    return ""
+
+
 def _layer(view: LayerView, config: ChronoConfig) -> _Layer:
     view = view.to_host()
     params = config.objective
     in_play, measured = _masks(view)
     eligible = view.active & ~view.cooling
+    judged = eligible & measured & (view.observations >= params.min_observations_to_judge)
+    if view.evidence is not None:
+        judged = judged & (view.evidence >= params.min_evidence_tokens)
+    degrading = view.degrading if view.degrading is not None else torch.zeros_like(view.active)
     return _Layer(
         view=view, config=config, f_before=free_energy(view, config).total, psi=_psi(view, measured),
         served=1.0 - float(view.starvation), shares=_shares(view, measured),
         redundancy=redundancy_matrix(view, params), overlap=routing_overlap(view),
-        excess=_excess_bimodality(view, in_play, params), measured=measured,
-        judged=eligible & measured & (view.observations >= params.min_observations_to_judge),
-        eligible=eligible, n_in_play=int(in_play.sum()),
+        excess=_excess_bimodality(view, in_play, params), measured=measured, judged=judged,
+        degrading=degrading & eligible, n_in_play=int(in_play.sum()), concentrated=concentration(view, config),
     )
 
 
+def _evidence(L: _Layer, e: int) -> str:
+    ev = L.view.evidence
+    tokens = f"{float(ev[e]):.0f} tokens of evidence" if ev is not None else "evidence not tracked"
+    return f"{int(L.view.observations[e])} observations, {tokens}"
+
+
 def propose_prune(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
-    """PRUNE (coherence): the worst judged expert, only when persistently decoherent (phi_slow below the
-    floor) and its traffic is absorbable; and the utilisation-fallback prune of a never-firing expert."""
+    """PRUNE the worst judged expert, only when it is persistently decoherent (phi_slow below the floor), carries
+    little traffic (below `prune_max_share` of its fair share), its traffic is absorbable, and the layer is not
+    concentrated (starvation is not decoherence). A degrading expert is replaced, not pruned."""
     L = layer if layer is not None else _layer(view, config)
     v, params = L.view, config.objective
-    lid = v.layer_id
-    lam = config.objective.lambda_complexity
-    out: list[EditCandidate] = []
-    if not L.can_remove:
-        return out
+    if not L.can_remove or L.concentrated:
+        return []
     phi, w = v.phi_slow, L.shares
-    prunable = L.judged & (phi < params.prune_coherence_floor) & (w < 1.0 - 1e-9)
-    if bool(prunable.any()):
-        e = int(torch.where(prunable, phi, float("inf")).argmin())
-        others = L.measured.clone()
-        others[e] = False
-        f = int(torch.where(others, L.overlap[e], -1.0).argmax())
-        a = float(L.overlap[e, f]) if bool(others[f]) else 0.0
-        phi_f = float(phi[f]) if bool(others[f]) else 0.0
-        if a >= params.prune_min_absorbable:  # otherwise its tokens have nowhere to go: keep it
-            misfit = L.served * _moved_traffic_misfit(float(phi[e]), float(w[e]), a, phi_f)
-            red, ins = L.removal(e)
-            out.append(EditCandidate(
-                "prune", lid, e, L.f_before, FreeEnergy(misfit, -lam, red, ins),
-                f"L{lid} E{e}: persistently decoherent, phi_slow={float(phi[e]):.3f} < floor "
-                f"{params.prune_coherence_floor} over {int(v.observations[e])} observations (share "
-                f"{float(w[e]):.3f}); {a:.0%} of its traffic absorbable by E{f} (phi_slow={phi_f:.3f})",
-            ))
-    # utilisation fallback: never fired over the window, hence unmeasurable.
-    dead = L.eligible & ~v.fired
-    if bool(dead.any()):
-        e = int(dead.to(torch.int8).argmax())
-        red, ins = L.removal(e)
-        out.append(EditCandidate(
-            "prune", lid, e, L.f_before, FreeEnergy(0.0, -lam, red, ins),
-            f"L{lid} E{e}: never fired over the window (share == 0 on every step; "
-            f"{int(dead.sum())} such expert(s) in the layer): utilisation fallback",
-            fallback=True,
-        ))
-    return out
+    light = w < params.prune_max_share / max(L.n_in_play, 1)
+    prunable = L.judged & ~L.degrading & (phi < params.prune_coherence_floor) & light
+    if not bool(prunable.any()):
+        return []
+    e = int(torch.where(prunable, phi, float("inf")).argmin())
+    others = L.measured.clone()
+    others[e] = False
+    f = int(torch.where(others, L.overlap[e], -1.0).argmax())
+    a = float(L.overlap[e, f]) if bool(others[f]) else 0.0
+    phi_f = float(phi[f]) if bool(others[f]) else 0.0
+    if a < params.prune_min_absorbable:  # its tokens have nowhere to go: keep it
+        return []
+    misfit = L.served * _moved_traffic_misfit(float(phi[e]), float(w[e]), a, phi_f)
+    red, ins = L.removal(e)
+    return [EditCandidate(
+        "prune", v.layer_id, e, L.f_before, FreeEnergy(misfit, -params.lambda_complexity, red, ins),
+        f"L{v.layer_id} E{e}: persistently decoherent, phi_slow={float(phi[e]):.3f} < floor "
+        f"{params.prune_coherence_floor} over {_evidence(L, e)}, with little traffic (share {float(w[e]):.3f} "
+        f"< {params.prune_max_share} x fair 1/{L.n_in_play}); {a:.0%} of its traffic absorbable by E{f} "
+        f"(phi_slow={phi_f:.3f})",
+    )]
 
 
 def propose_merge(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
-    """MERGE the most redundant pair of judged experts; the more used one survives and absorbs the other's
-    traffic (the router's interchangeability says how much of it the survivor can serve)."""
+    """MERGE the most redundant pair of judged experts (not in a concentrated layer); the more used one survives
+    and absorbs the other's traffic (the router's interchangeability says how much of it the survivor can
+    serve). Never credited with a coherence gain."""
     L = layer if layer is not None else _layer(view, config)
     v, params = L.view, config.objective
-    if not L.can_remove:
+    if not L.can_remove or L.concentrated:
         return []
-    pair_ok = L.judged.unsqueeze(0) & L.judged.unsqueeze(1)
+    ok = L.judged & ~L.degrading
+    pair_ok = ok.unsqueeze(0) & ok.unsqueeze(1)
     rr = torch.where(pair_ok, L.redundancy, 0.0)
     if not (float(rr.max()) > 0 and float(rr.max()) >= params.merge_min_redundancy):
         return []
@@ -324,7 +357,7 @@ def propose_merge(view: LayerView, config: ChronoConfig, layer: _Layer | None = 
     share = torch.nan_to_num(v.share_slow, nan=0.0)
     survivor, absorbed = (a, b) if (float(share[a]), -a) >= (float(share[b]), -b) else (b, a)
     red, ins = L.removal(absorbed)
-    misfit = L.served * max(0.0, _moved_traffic_misfit(  # never credited with a coherence gain
+    misfit = L.served * max(0.0, _moved_traffic_misfit(
         float(phi[absorbed]), float(L.shares[absorbed]), float(L.overlap[absorbed, survivor]), float(phi[survivor])
     ))
     return [EditCandidate(
@@ -337,37 +370,39 @@ def propose_merge(view: LayerView, config: ChronoConfig, layer: _Layer | None = 
 
 
 def propose_split(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
-    """SPLIT the most bimodal judged expert above the bimodality threshold; the children's coherence is
-    predicted by the detector (`centroid_phi`), so the misfit term compares like with like."""
+    """SPLIT the most bimodal judged expert above the bimodality threshold, only when its children are predicted
+    to be more coherent than it (the detector's `centroid_phi`, the same estimator as phi): a split is for two
+    roles that are better served apart, and the instability term alone never justifies one."""
     L = layer if layer is not None else _layer(view, config)
     v, params = L.view, config.objective
-    if not L.can_add:
+    if not L.can_add or v.centroid_phi is None:
         return []
-    bim = torch.where(L.judged, L.excess, 0.0)
+    bim = torch.where(L.judged & ~L.degrading, L.excess, 0.0)
     if not float(bim.max()) > 0:
         return []
     e = int(bim.argmax())
+    if not bool(torch.isfinite(v.centroid_phi[:, e]).all()):
+        return []
     phi = v.phi_slow
-    misfit, detail = 0.0, "centroid coherence unknown: misfit predicted unchanged"
-    if v.centroid_phi is not None and bool(torch.isfinite(v.centroid_phi[:, e]).all()):
-        q = (v.centroid_weights[:, e] if v.centroid_weights is not None
-             else torch.full((2,), 0.5, dtype=torch.float64))
-        q = q / q.sum() if float(q.sum()) > 0 else torch.full((2,), 0.5, dtype=torch.float64)
-        phi_children = float((q * v.centroid_phi[:, e]).sum())
-        misfit = L.served * float(L.shares[e]) * (float(phi[e]) - phi_children)
-        detail = (f"children's coherence {phi_children:.3f} vs parent {float(phi[e]):.3f} "
-                  "(predicted at the split)")
+    q = v.centroid_weights[:, e] if v.centroid_weights is not None else torch.full((2,), 0.5, dtype=torch.float64)
+    q = q / q.sum() if float(q.sum()) > 0 else torch.full((2,), 0.5, dtype=torch.float64)
+    phi_children = float((q * v.centroid_phi[:, e]).sum())
+    if not phi_children > float(phi[e]):
+        return []
+    misfit = L.served * float(L.shares[e]) * (float(phi[e]) - phi_children)
     delta = FreeEnergy(misfit, params.lambda_complexity, 0.0, -params.kappa_instability * float(L.excess[e]))
     return [EditCandidate(
         "split", v.layer_id, e, L.f_before, delta,
         f"L{v.layer_id} E{e}: most bimodal expert, bimodality={float(v.bimodality[e]):.3f} "
-        f"(threshold {params.bimodality_threshold}); {detail}",
+        f"(threshold {params.bimodality_threshold}); children's coherence {phi_children:.3f} vs parent "
+        f"{float(phi[e]):.3f} (predicted at the split), over {_evidence(L, e)}",
     )]
 
 
 def propose_spawn(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
     """SPAWN when tokens are starved while the experts themselves are coherent: the new expert is predicted to
-    serve a starved share (at most its fair share) at the layer's coherence."""
+    serve a starved share (at most its fair share) at the layer's coherence. Allowed in a concentrated layer:
+    new capacity is an answer to starvation."""
     L = layer if layer is not None else _layer(view, config)
     v, params = L.view, config.objective
     s = float(v.starvation)
@@ -388,12 +423,41 @@ def propose_spawn(view: LayerView, config: ChronoConfig, layer: _Layer | None = 
     )]
 
 
-PROPOSERS = (propose_prune, propose_merge, propose_split, propose_spawn)
+def propose_replace(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
+    """REPLACE a degrading expert that still carries traffic (its fast coherence broke away from its layer:
+    damaged weights, a bad update) with a perturbed copy of the expert the router finds most interchangeable
+    with it, keeping its router row: its tokens are predicted to be served at the donor's coherence instead of
+    its own (fast) one."""
+    L = layer if layer is not None else _layer(view, config)
+    v = L.view
+    if v.phi_fast is None or not bool(L.degrading.any()):
+        return []
+    candidates = L.degrading & L.judged & torch.isfinite(v.phi_fast)
+    if not bool(candidates.any()):
+        return []
+    e = int(torch.where(candidates, v.phi_fast, float("inf")).argmin())
+    donors = L.judged & ~L.degrading & L.measured
+    donors[e] = False
+    if not bool(donors.any()):
+        return []
+    f = int(torch.where(donors, L.overlap[e], -1.0).argmax())
+    phi_e, phi_f = float(v.phi_fast[e]), float(v.phi_slow[f])
+    misfit = L.served * float(L.shares[e]) * (phi_e - phi_f)
+    return [EditCandidate(
+        "replace", v.layer_id, e, L.f_before, FreeEnergy(misfit, 0.0, 0.0, 0.0),
+        f"L{v.layer_id} E{e}: degrading (phi_fast={phi_e:.3f}, phi_slow={float(v.phi_slow[e]):.3f}) while "
+        f"carrying share {float(L.shares[e]):.3f}; replaced by a copy of E{f} (phi_slow={phi_f:.3f}, routing "
+        f"overlap {float(L.overlap[e, f]):.2f}), keeping its router row",
+        partner_id=f,
+    )]
+
+
+PROPOSERS = (propose_prune, propose_merge, propose_split, propose_spawn, propose_replace)
 
 
 def propose_edits(view: LayerView, config: ChronoConfig) -> list[EditCandidate]:
-    """Candidate edits of one layer (at most one per kind, plus one fallback prune), each with its predicted
-    component deltas and a reason. Cooling experts are never proposed; bounds are respected."""
+    """Candidate edits of one layer (at most one per kind), each with its predicted component deltas and a
+    reason. Cooling experts are never proposed; bounds are respected."""
     layer = _layer(view, config)
     return [c for propose in PROPOSERS for c in propose(layer.view, config, layer)]
 

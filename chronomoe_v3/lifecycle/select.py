@@ -1,10 +1,11 @@
 """Selection of the slow clock's edits: one per layer at most, only when it pays, under the cycle's rules.
 
-Per layer, the candidate with the lowest predicted delta_F is taken only if `delta_F < -min_improvement`
-(or it is a fallback prune); otherwise the layer does nothing. Globally, layers in cooldown do nothing; when
-the regular review is not due, only layers with an emergency flag are reviewed, and only additive edits
-(spawn, split) may be executed; then the best `max_edits_per_cycle` edits across layers (lowest delta_F
-first) are kept and the other layers do nothing.
+Per layer, the candidate with the lowest predicted delta_F is taken only if `delta_F < -min_improvement`:
+an edit never runs against its own prediction; otherwise the layer does nothing. Globally, layers in
+cooldown (or with an edit still under audit) do nothing; when the regular review is not due, only layers
+with an emergency flag are reviewed, and only the early actions (spawn, split, replace) may be executed;
+then the best `max_edits_per_cycle` edits across layers (lowest delta_F first) are kept and the other layers
+do nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from ..config import ChronoConfig
-from .objective import ACTIONS, ADDITIVE_ACTIONS, EditCandidate, LayerDecision
+from .objective import ACTIONS, EARLY_ACTIONS, EditCandidate, LayerDecision
 
 
 # ---------------------------------------------------------------------- selection
@@ -31,7 +32,7 @@ def select_edit(
     """The single best edit of one layer, or do nothing.
 
     Among candidates whose action is allowed, the lowest predicted delta_F wins if
-    `delta_F < -min_improvement`, or if it is a fallback prune; otherwise the layer does nothing.
+    `delta_F < -min_improvement`; otherwise the layer does nothing.
     """
     layers = {c.layer_id for c in candidates}
     if layer_id is not None:
@@ -44,11 +45,10 @@ def select_edit(
             raise ValueError(f"allowed action {action!r} is invalid: expected one of {list(ACTIONS)}")
     ranked = tuple(sorted(candidates, key=_rank))
     allowed = [c for c in ranked if c.action in allowed_actions]
-    winners = [c for c in allowed if c.delta_F < -config.objective.min_improvement or c.fallback]
+    winners = [c for c in allowed if c.delta_F < -config.objective.min_improvement]
     if winners:
         edit = winners[0]
-        why = ("utilisation fallback" if edit.fallback and edit.delta_F >= -config.objective.min_improvement
-               else f"predicted delta_F={edit.delta_F:.4f} < -min_improvement={-config.objective.min_improvement}")
+        why = f"predicted delta_F={edit.delta_F:.4f} < -min_improvement={-config.objective.min_improvement}"
         return LayerDecision(layer, edit, ranked, f"{edit.action}: {why}")
     if not ranked:
         return LayerDecision(layer, None, ranked, "do nothing: no candidate edit")
@@ -81,7 +81,7 @@ def select_edits(
 
     A layer in cooldown (`cooldown_ok[layer]` False) does nothing, emergency or not. When the regular
     review is due every action is allowed; otherwise only layers with `emergency[layer]` are reviewed, and
-    only additive edits (spawn, split) may run early: prune and merge wait for the regular review. At
+    only the early actions (spawn, split, replace) may run: prune and merge wait for the regular review. At
     most `max_edits_per_cycle` edits survive across layers, lowest predicted delta_F first.
     """
     decisions: dict[int, LayerDecision] = {}
@@ -89,13 +89,16 @@ def select_edits(
         candidates = per_layer_candidates[layer]
         ranked = tuple(sorted(candidates, key=_rank))
         if not _flag(cooldown_ok, layer, "cooldown_ok"):
-            decisions[layer] = LayerDecision(layer, None, ranked, f"do nothing: layer cooling down "
-                                                                  f"(cooldown_steps={config.lifecycle.cooldown_steps})")
+            decisions[layer] = LayerDecision(
+                layer, None, ranked, f"do nothing: layer cooling down (cooldown_steps="
+                f"{config.lifecycle.cooldown_steps}, or an edit under audit)"
+            )
         elif review_due:
             decisions[layer] = select_edit(candidates, config, layer_id=layer)
         elif _flag(emergency, layer, "emergency"):
-            d = select_edit(candidates, config, layer_id=layer, allowed_actions=ADDITIVE_ACTIONS)
-            decisions[layer] = replace(d, reason=f"emergency review (only additive edits run early); {d.reason}")
+            d = select_edit(candidates, config, layer_id=layer, allowed_actions=EARLY_ACTIONS)
+            decisions[layer] = replace(d, reason=f"emergency review (only {list(EARLY_ACTIONS)} run early); "
+                                                 f"{d.reason}")
         else:
             decisions[layer] = LayerDecision(layer, None, ranked, "do nothing: no review due")
     chosen = sorted(

@@ -3,7 +3,7 @@
 Per observed training forward (`observe`; tensor ops only, no host synchronisation): sufficient statistics
 -> coherence clocks (relevance-modulated when a slow bias routes) -> bimodality detector (sampled outputs;
 each role's predicted coherence as a split child; each role's mean router input, the anchors of a split's
-router rows) -> co-routing accumulator -> starvation (slow debiased EMA) -> last-fired step; and, when the
+router rows) -> co-routing accumulator -> starvation (slow debiased EMA) -> evidence; and, when the
 training loop handed over the batch's token ids, the token basins.
 
 `on_edit(record)` is the ONE place where per-slot fast state follows a structural edit (the fast clock
@@ -57,12 +57,14 @@ class LayerObserver(nn.Module):
     Submodules: `coherence` (`CoherenceState`), `bimodality` (`BimodalityState`), `starvation` (slow EMA of
     the fraction of tokens no expert fits), `tokens` (`TokenBasins`, once token ids were handed over).
     Buffers: `coactivation [E, E]` and `coactivation_tokens []` (co-routing since the last slow review),
-    `last_fired [E]` (the step each slot last received a token).
+    `evidence [E]` (tokens routed to each
+    expert, decayed at the slow clock's retention: what a slow reading rests on).
     """
 
     coactivation: Tensor
     coactivation_tokens: Tensor
-    last_fired: Tensor
+    evidence: Tensor
+    slow_retention: Tensor
 
     def __init__(
         self,
@@ -86,7 +88,11 @@ class LayerObserver(nn.Module):
         self.tokens: TokenBasins | None = None
         self.register_buffer("coactivation", torch.zeros(e, e, device=device))
         self.register_buffer("coactivation_tokens", torch.zeros((), device=device))
-        self.register_buffer("last_fired", torch.zeros(e, dtype=torch.int64, device=device))
+        self.register_buffer("evidence", torch.zeros(e, device=device))
+        # A constant of the config (not saved): the slow clock's retention, at which evidence decays.
+        self.register_buffer(
+            "slow_retention", torch.tensor(self.config.coherence.slow.retention, device=device), persistent=False
+        )
 
     @property
     def num_experts(self) -> int:
@@ -94,7 +100,7 @@ class LayerObserver(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.last_fired.device
+        return self.evidence.device
 
     def enable_tokens(self) -> TokenBasins:
         """Start counting token basins (idempotent); returns them."""
@@ -126,8 +132,7 @@ class LayerObserver(nn.Module):
                 self.config.objective.starvation_confidence,
             )
             self.starvation.update(starved.view(1), torch.ones(1, dtype=torch.bool, device=starved.device))
-        # coherence.step was advanced by observe: the step index of this forward is step - 1
-        self.last_fired.copy_(torch.where(stats.counts > 0, self.coherence.step - 1, self.last_fired))
+        self.evidence.mul_(self.slow_retention).add_(stats.counts)
         return stats
 
     def count_tokens(self, token_ids: Tensor, trace: MoETrace) -> None:
@@ -143,7 +148,7 @@ class LayerObserver(nn.Module):
           the detector hands role 1 to the child in the parent's slot and role 2 to the new slot;
         - slots whose expert ends (prune, merge: the absorbed one) or that start a new expert from nothing
           (spawn, restore) forget their clocks and detector;
-        - every edited slot's co-routing row and column start over and its last-fired step is now;
+        - every edited slot's co-routing row and column start over;
         - token basins restart for every slot that now holds a different expert (the split child in the
           parent's slot included); a merge survivor keeps its basin.
         """
@@ -157,12 +162,16 @@ class LayerObserver(nn.Module):
             mask = _mask(e, forget, device)
             self.coherence.reset_experts(mask)
             self.bimodality.reset_experts(mask)
+        # evidence is the expert's own: every slot that now holds another expert starts with none
+        renewed = list(record.fresh_slots) + list(record.parked_slots) + (
+            list(record.kept_slots) if record.kind == "split" else []
+        )
+        if renewed:
+            self.evidence.index_fill_(0, torch.as_tensor(renewed, dtype=torch.long, device=device), 0.0)
         slots = sorted(set(record.fresh_slots) | set(record.parked_slots) | set(record.kept_slots))
         idx = torch.as_tensor(slots, dtype=torch.long, device=device)
         self.coactivation.index_fill_(0, idx, 0.0)
         self.coactivation.index_fill_(1, idx, 0.0)
-        self.last_fired.index_fill_(0, idx, 0)
-        self.last_fired.index_copy_(0, idx, self.coherence.step.expand(idx.shape[0]).clone())
         if self.tokens is not None:
             renamed = list(record.kept_slots) if record.kind == "split" else []
             self.tokens.reset_slots(list(record.fresh_slots) + list(record.parked_slots) + renamed)
@@ -179,18 +188,19 @@ class LayerObserver(nn.Module):
         value = float(self.starvation.read().view(()))
         return 0.0 if value != value else min(max(value, 0.0), 1.0)
 
-    def view(self, layer_id: int, active: Tensor, cooling: Tensor) -> LayerView:
-        """What the slow objective reads of this layer, on the host (`active`, `cooling`: `[E]` bool)."""
+    def view(
+        self, layer_id: int, active: Tensor, cooling: Tensor, alerts: Sequence[str] = (), pressure: float = 0.0
+    ) -> LayerView:
+        """What the slow objective reads of this layer, on the host (`active`, `cooling`: `[E]` bool; `alerts`:
+        the v2 alert kinds on this layer now; `pressure`: the mid clock's pressure on it)."""
         coh, bim = self.coherence, self.bimodality
         tokens = float(self.coactivation_tokens)
-        fired = (coh.step - self.last_fired) <= self.config.objective.fired_window
         return LayerView(
             layer_id=layer_id,
             active=active.detach().cpu().clone(),
             cooling=cooling.detach().cpu(),
             phi_slow=coh.phi_slow.detach().cpu(),
             share_slow=coh.share_clocks[2].detach().cpu(),
-            fired=fired.detach().cpu(),
             role=coh.role_vectors.detach().cpu(),
             bimodality=bim.bimodality.detach().cpu(),
             coactivation=(self.coactivation / max(tokens, 1.0)).detach().cpu(),
@@ -198,4 +208,9 @@ class LayerObserver(nn.Module):
             observations=coh.observations.detach().cpu(),
             centroid_phi=bim.centroid_phi.detach().cpu(),
             centroid_weights=bim.centroid_weights.detach().cpu(),
+            evidence=self.evidence.detach().cpu(),
+            phi_fast=coh.phi_fast.detach().cpu(),
+            degrading=coh.degrading(active).detach().cpu(),
+            alerts=tuple(alerts),
+            pressure=pressure,
         ).to_host()

@@ -4,6 +4,8 @@ from .merge import merge
 from .prune import prune, restore
 from .record import EditError, EditRecord
 from .registry import ExpertRecord, ExpertRegistry
+from .replace import replace
+from .revert import SlotSnapshot, revert, snapshot_slots
 from .spawn import spawn
 from .split import split
 from .surgery import OptimizerSurgery, adam_first_step_seed, reset_slot_state
@@ -13,12 +15,16 @@ __all__ = [
     "ExpertRecord",
     "ExpertRegistry",
     "EditRecord",
+    "SlotSnapshot",
     "OptimizerSurgery",
     "adam_first_step_seed",
     "merge",
     "prune",
+    "replace",
     "reset_slot_state",
     "restore",
+    "revert",
+    "snapshot_slots",
     "spawn",
     "split",
 ]

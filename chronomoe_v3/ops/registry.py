@@ -28,8 +28,8 @@ from .record import EditError
 
 EXPERT_STATES = ("cooling", "active", "archived")
 LIVE_STATES = ("cooling", "active")
-ORIGINS = ("initial", "spawn", "split", "restore")
-ENDINGS = ("prune", "merge", "split")
+ORIGINS = ("initial", "spawn", "split", "restore", "replace")
+ENDINGS = ("prune", "merge", "split", "replace", "rollback")
 
 Parked = dict[str, dict[str, Tensor]]  # {"experts": {name: tensor}, "router": {name: tensor}}
 
