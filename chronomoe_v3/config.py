@@ -93,16 +93,21 @@ class DegradeConfig:
     """The degrading flag (projectdesign.md has the measurements behind the defaults): an expert is flagged
     when `phi_fast - phi_<baseline>`, minus the layer's median of the same delta (`reference`
     "layer_median"; or not, "absolute"), falls below `-max(threshold, z * robust spread of the layer's
-    deltas)` (spread term only with "layer_median"; z = 0 disables it), after `min_observations`."""
+    deltas)` (spread term only with "layer_median"; z = 0 disables it), after `min_observations`. The same
+    flag is raised when an expert's identity breaks (its mean output turns away from its own history: fast
+    identity below slow identity by more than `identity_threshold`, beyond the layer's median and z spreads;
+    `CoherenceState.broken`)."""
 
     threshold: float = 0.2
     baseline: str = "mid"
     reference: str = "layer_median"
     z: float = 3.0
     min_observations: int = 250
+    identity_threshold: float = 0.15
 
     def __post_init__(self) -> None:
         _check_number("degrade.threshold", self.threshold, 0.0)
+        _check_number("degrade.identity_threshold", self.identity_threshold, 0.0)
         _check_choice("degrade.baseline", self.baseline, DEGRADE_BASELINES)
         _check_choice("degrade.reference", self.reference, DEGRADE_REFERENCES)
         _check_number("degrade.z", self.z, 0.0)
@@ -158,15 +163,18 @@ class BridgeConfig:
 @dataclass(frozen=True)
 class MidClockConfig:
     """The built-in mid clock (docs/system.md): the v2 lens controller turns each layer's topology debt
-    (low Neff, top-2 concentration, dead experts) into a pressure, and the pressure drives a `LogitLens` on
-    the layer's router: `offset += gain * scale * steering` per `step()` call, clipped to `max_offset`."""
+    (Neff below `neff_fraction` x n, top-2 concentration, dead experts) into a pressure, and the pressure
+    drives a `LogitLens` on the layer's router: `offset += gain * scale * steering` per `step()` call,
+    clipped to `max_offset`."""
 
     gain: float = 1.0
     max_offset: float = 8.0
+    neff_fraction: float = 0.75
 
     def __post_init__(self) -> None:
         _check_number("mid.gain", self.gain, 0.0)
         _check_number("mid.max_offset", self.max_offset, 0.0)
+        _check_number("mid.neff_fraction", self.neff_fraction, 0.0, 1.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -196,7 +204,9 @@ class ObjectiveConfig:
     concentrated (nothing is removed there) when its slow Neff < `concentration_neff` x n or its top-2 share
     > `concentration_top2` (the v2 PRE_COLLAPSE condition), a collapse alert is raised on it, or the mid
     clock's pressure on it exceeds `concentration_pressure` (it is still being rebalanced); a prune needs
-    the expert's share below `prune_max_share` x its fair share."""
+    the expert's share below `prune_max_share` x its fair share; a removal (prune, merge) needs the expert to
+    have lived `min_age_to_remove` training steps (about the slow clock's horizon), so that what condemns it is
+    its own history: a split child or a spawned expert is not removed on the readings of its first weeks."""
 
     lambda_complexity: float = 0.01
     rho_redundancy: float = 0.1
@@ -215,6 +225,7 @@ class ObjectiveConfig:
     concentration_neff: float = 0.6
     concentration_top2: float = 0.75
     concentration_pressure: float = 0.05
+    min_age_to_remove: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("lambda_complexity", "rho_redundancy", "kappa_instability", "min_improvement"):
@@ -232,6 +243,7 @@ class ObjectiveConfig:
         _check_number("objective.concentration_neff", self.concentration_neff, 0.0, 1.0)
         _check_number("objective.concentration_top2", self.concentration_top2, 0.0, 1.0)
         _check_number("objective.concentration_pressure", self.concentration_pressure, 0.0)
+        _check_int("objective.min_age_to_remove", self.min_age_to_remove, 0)
 
 
 @dataclass(frozen=True)

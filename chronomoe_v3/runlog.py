@@ -26,7 +26,9 @@ DECISIONS_FILE = "lifecycle_decisions.jsonl"
 BASIN_TOP_TOKENS = 20
 
 PER_EXPERT_METRICS = ("phi_fast", "phi_mid", "phi_slow", "share", "beta", "offset")
-LAYER_METRICS = ("neff", "top2", "dead", "active", "psi_slow", "beta_absmax", "lens_scale", "alerts")
+LAYER_METRICS = (
+    "neff", "top2", "dead", "active", "psi_slow", "beta_absmax", "lens_scale", "alerts", "pressure", "starvation",
+)
 
 
 def finite_or_none(x: float) -> float | None:
@@ -45,7 +47,8 @@ def layer_metrics(layer: Mapping[str, Any]) -> dict[str, float]:
         "neff": layer.get("neff"), "top2": layer.get("top2"), "dead": layer.get("dead"),
         "active": float(sum(active)), "psi_slow": layer.get("psi_slow"),
         "beta_absmax": max(betas) if betas else 0.0, "lens_scale": layer.get("lens_scale"),
-        "alerts": float(len(layer.get("alerts", []))),
+        "alerts": float(len(layer.get("alerts", []))), "pressure": layer.get("pressure"),
+        "starvation": layer.get("starvation"),
     }
     out = {f"chronomoe/L{lid}/{k}": float(v) for k, v in scalars.items() if v is not None and math.isfinite(v)}
     for name in PER_EXPERT_METRICS:

@@ -162,7 +162,13 @@ class ChronoSystem:
         self.biases: list[SlowBias | None] = [a.slow_bias(self.config) for a in self.adapters]
         if controller == BUILTIN:
             widths = [b.num_slots for b in self.banks]
-            controller = Controller(len(self.adapters), widths, ControlConfig(initial_mode="ENTROPY_MAX"))
+            # One steering mode: the log-share pull of ENTROPY_MAX is the one strong enough to revive a starved
+            # expert through a selection offset (ANTI_DOMINANCE / LIFT_TAIL pull at most 1/n); a harm backoff
+            # then only lowers the scale instead of switching to a mode too weak to finish the job.
+            control = ControlConfig(
+                initial_mode="ENTROPY_MAX", mode_cycle=("ENTROPY_MAX",), neff_fraction=self.config.mid.neff_fraction
+            )
+            controller = Controller(len(self.adapters), widths, control)
         self.controller = controller
         self.lenses: dict[int, LogitLens] = {}
         if controller is not None:
@@ -324,8 +330,12 @@ class ChronoSystem:
         the mid clock's last pressure on it."""
         e = self.banks[i].num_slots
         cooling = torch.tensor([self.registry.slot_state(i, s) == "cooling" for s in range(e)], dtype=torch.bool)
+        records = [self.registry.expert_at(i, s) for s in range(e)]
+        age = torch.tensor([0 if r is None else max(self.global_step - r.born_step, 0) for r in records])
         alerts = [a.kind for a in snapshot.alerts_for(i)] if snapshot is not None else []
-        return self.observers[i].view(i, self.banks[i].active_mask, cooling, alerts, self.pressure.get(i, 0.0))
+        return self.observers[i].view(
+            i, self.banks[i].active_mask, cooling, alerts, self.pressure.get(i, 0.0), age=age
+        )
 
     def emergency_flags(self, snapshot: SystemSnapshot | None) -> dict[int, str]:
         """Layers with an emergency and why: degrading experts (`CoherenceState.degrading`) or COLLAPSE_CONFIRMED."""
@@ -425,6 +435,7 @@ class ChronoSystem:
             neff, top2, dead = float(layer.n_effective), float(layer.top2_share), int(layer.dead_expert_count)
             alerts = [a.kind for a in snapshot.alerts_for(i)]
         coh = self.observers[i].coherence
+        identity = coh.identity_clocks.detach().cpu()
         logit_lens = self.lenses.get(i)
         scale = logit_lens.scale if logit_lens is not None else getattr(self.adapters[i].lens(), "scale", None)
         offset = logit_lens.offset.detach().cpu() if logit_lens is not None else torch.zeros(e)
@@ -440,9 +451,11 @@ class ChronoSystem:
             "phi_slow": row(reading["phi_slow"]), "beta": row(reading["beta"]), "offset": row(offset), "share": share,
             "share_slow": row(reading["share_slow"]), "bimodality": row(reading["bimodality"]),
             "degrading": [bool(d) for d in coh.degrading(self.banks[i].active_mask).detach().cpu().tolist()],
+            "identity_fast": row(identity[0]), "identity_slow": row(identity[1]),
             "neff": neff, "top2": top2, "dead": dead,
             "psi_slow": finite_or_none(float(coh.layer_psi(2))), "alerts": alerts,
             "lens_scale": float(scale) if isinstance(scale, Tensor) else 0.0,
+            "pressure": self.pressure.get(i, 0.0), "starvation": self.observers[i].starvation_level(),
         }
 
     def _basins(self) -> dict[str, dict[str, Any]]:

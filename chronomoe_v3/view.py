@@ -30,7 +30,9 @@ class LayerView:
     clock's retention), what a judged reading rests on. phi_fast [E] (optional): the fast clock's phi.
     degrading [E] bool (optional): the degrading flag. alerts: the v2 alert kinds raised on this layer at
     this review (PRE_COLLAPSE, COLLAPSE_CONFIRMED). pressure: the mid clock's redistribution pressure on the
-    layer (0 without a mid clock): a layer under pressure is still being rebalanced.
+    layer (0 without a mid clock): a layer under pressure is still being rebalanced. age [E] (optional):
+    training steps since the expert in each slot was born (0 for a free slot); a removal needs its own
+    history, not an inherited one.
     """
 
     layer_id: int
@@ -50,6 +52,7 @@ class LayerView:
     degrading: Tensor | None = None
     alerts: tuple[str, ...] = ()
     pressure: float = 0.0
+    age: Tensor | None = None
 
     @property
     def num_slots(self) -> int:
@@ -75,7 +78,7 @@ class LayerView:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (2, e):
                 raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected (2, {e})")
-        for name in ("evidence", "phi_fast", "degrading"):
+        for name in ("evidence", "phi_fast", "degrading", "age"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (e,):
                 raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected ({e},)")
@@ -111,4 +114,5 @@ class LayerView:
             degrading=None if self.degrading is None else self.degrading.detach().cpu(),
             alerts=tuple(str(a) for a in self.alerts),
             pressure=float(self.pressure),
+            age=None if self.age is None else self.age.detach().cpu().to(torch.int64),
         )

@@ -245,3 +245,58 @@ def test_degrade_baseline_selects_the_clock():
     assert torch.allclose(slow.degrade_delta, slow.phi_delta)
     # 200 steps after a level shift the mid clock has caught up, the slow one has not.
     assert slow.degrading().all()
+
+
+def _stats_from_outputs(outputs, counts):
+    """Per-forward statistics where expert e outputs `outputs[e]` for each of its `counts[e]` tokens (gate 0.5)."""
+    from chronomoe_v3.observe.stats import ExpertStats
+
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    sum_out = outputs * counts[:, None]
+    sum_weighted = 0.5 * sum_out
+    return ExpertStats(
+        counts=counts, sum_out=sum_out, sum_weighted=sum_weighted, sum_mixture=sum_weighted.sum(0),
+        num_tokens=counts.sum() / 2, nonfinite=torch.zeros(len(counts), dtype=torch.bool),
+    )
+
+
+def test_identity_break_is_flagged_when_phi_hides_it():
+    """An expert whose output turns to an unrelated direction at the same angle to its layer keeps its phi, but
+    its fast identity drops below its slow one: `broken` (and so `degrading`) flags it, and only it."""
+    cfg = ChronoConfig(degrade=DegradeConfig(min_observations=50))
+    s = CoherenceState(4, 6, cfg)
+    m, u1, u2 = torch.eye(6)[0], torch.eye(6)[1], torch.eye(6)[2]
+    a, b = 0.3, (1 - 0.3**2) ** 0.5
+    g = torch.Generator().manual_seed(0)
+    counts = [40, 40, 40, 40]
+
+    def outputs(expert3):
+        base = torch.stack([m, m + 0.2 * torch.eye(6)[3], m + 0.2 * torch.eye(6)[4], expert3])
+        return base + 0.02 * torch.randn(4, 6, generator=g)
+
+    for _ in range(400):
+        s.observe(_stats_from_outputs(outputs(a * m + b * u1), counts))
+    assert not s.broken().any() and not s.degrading().any()
+    phi_before = s.phi_fast[3].item()
+    for _ in range(15):
+        s.observe(_stats_from_outputs(outputs(a * m + b * u2), counts))
+    assert s.phi_fast[3].item() == pytest.approx(phi_before, abs=0.05)  # phi cannot see it
+    assert s.broken().tolist() == [False, False, False, True]
+    assert s.degrading().tolist() == [False, False, False, True]
+    clocks = s.identity_clocks
+    assert clocks[0, 3] < clocks[1, 3] - 0.3
+
+
+def test_identity_drift_of_the_whole_layer_flags_nobody():
+    """All experts rotating together (a layer-wide change of representation) is not a break of one expert."""
+    cfg = ChronoConfig(degrade=DegradeConfig(min_observations=50))
+    s = CoherenceState(4, 6, cfg)
+    eye = torch.eye(6)
+    base = torch.stack([eye[0] + 0.3 * eye[j] for j in (1, 2, 3, 4)])
+    for _ in range(400):
+        s.observe(_stats_from_outputs(base, [40, 40, 40, 40]))
+    turned = torch.stack([eye[5] + 0.3 * eye[j] for j in (1, 2, 3, 4)])  # every expert turns the same way
+    for _ in range(15):
+        s.observe(_stats_from_outputs(turned, [40, 40, 40, 40]))
+    assert (s.identity_clocks[0] < s.identity_clocks[1] - 0.3).all()  # every identity dropped ...
+    assert not s.broken().any()  # ... but nobody stands out from the layer

@@ -75,6 +75,18 @@ def test_harm_guard_mode_switch_and_abstention_reachable_with_defaults():
     assert ds[5].computed["backoff"] == pytest.approx(0.125 * 1.2 * 1.2)
 
 
+def test_a_single_mode_cycle_backs_off_without_switching():
+    """The built-in mid clock keeps ENTROPY_MAX: harm lowers its scale, it never switches to a weaker mode."""
+    cfg = ControlConfig(warmup_steps=0, initial_mode="ENTROPY_MAX", mode_cycle=("ENTROPY_MAX",))
+    ctl = Controller(1, 8, cfg)
+    rising = [0.80, 0.85, 0.90, 0.95]
+    ds = [ctl.update(snapshot(s, {0: top2_counts(t)}, 1), None)[0] for s, t in enumerate(rising)]
+    assert [d.computed["backoff"] for d in ds] == pytest.approx([1.0, 0.5, 0.25, 0.125])
+    assert {d.actuator["mode"] for d in ds} == {"ENTROPY_MAX"}
+    assert all(d.actuator["mode_switched_from"] is None and "mode switch" not in d.notes for d in ds)
+    assert ds[3].actuator["abstain"]
+
+
 def test_incoherent_thresholds_rejected():
     with pytest.raises(ValueError, match="mode switching and abstention are reachable"):
         ControlConfig(backoff_floor=0.2, abstain_backoff=0.15, mode_switch_backoff=0.15)

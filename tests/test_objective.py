@@ -155,6 +155,23 @@ def test_no_prune_without_evidence_traffic_room_or_a_balanced_layer() -> None:
     assert concentration(skewed, CFG) and "prune" not in _by_action(propose_edits(skewed, CFG))
 
 
+def test_young_experts_are_not_removed() -> None:
+    """A removal rests on the expert's own history: younger than `min_age_to_remove` steps (a split child that
+    inherited its parent's clocks, a spawn), it is neither pruned nor merged away; old enough, it is."""
+    young = _decoherent_e1(age=torch.tensor([5000, 400, 5000, 5000, 0]))
+    assert "prune" not in _by_action(propose_edits(young, CFG))
+    old = _decoherent_e1(age=torch.tensor([5000, CFG.objective.min_age_to_remove, 5000, 5000, 0]))
+    (prune,) = _by_action(propose_edits(old, CFG))["prune"]
+    assert prune.expert_id == 1
+    role = make_view().role.clone()
+    role[2] = role[0]
+    coact = make_view().coactivation.clone()
+    coact[0, 2] = coact[2, 0] = 0.3
+    dup = dict(role=role, coactivation=coact, phi_slow=torch.tensor([0.9, 0.5, 0.9, 0.6, NAN]))
+    assert "merge" in _by_action(propose_edits(make_view(**dup), CFG))
+    assert "merge" not in _by_action(propose_edits(make_view(**dup, age=torch.tensor([5000, 5000, 10, 5000, 0])), CFG))
+
+
 def test_a_never_firing_expert_is_not_pruned() -> None:
     # No utilisation fallback any more: E3 saw no token (no evidence, share 0): nothing to judge it on.
     view = make_view(share_slow=torch.tensor([0.35, 0.3, 0.35, 0.0, 0.0]),
@@ -183,7 +200,7 @@ def test_merge_prediction_and_no_merge_in_a_concentrated_layer() -> None:
     assert "merge" not in _by_action(propose_edits(concentrated, CFG))
 
 
-def test_split_only_when_the_children_are_predicted_more_coherent() -> None:
+def test_split_prediction_charges_less_coherent_children() -> None:
     better = make_view(
         centroid_phi=torch.tensor([[0.95, NAN, NAN, NAN, NAN], [0.9, NAN, NAN, NAN, NAN]]),
         centroid_weights=torch.tensor([[0.75, 0, 0, 0, 0], [0.25, 0, 0, 0, 0]]),
@@ -195,12 +212,15 @@ def test_split_only_when_the_children_are_predicted_more_coherent() -> None:
     assert split.delta.complexity == pytest.approx(CFG.objective.lambda_complexity)
     assert split.delta.instability == pytest.approx(-CFG.objective.kappa_instability * I0)
     assert split.delta.redundancy == 0.0
-    # Children predicted less coherent than the parent: the instability term alone never justifies a split.
+    # Children predicted less coherent than the parent: the misfit delta is a penalty, so the split is proposed
+    # with a worse delta_F, and only the instability it removes can pay for it.
     worse = make_view(
         centroid_phi=torch.tensor([[0.7, NAN, NAN, NAN, NAN], [0.6, NAN, NAN, NAN, NAN]]),
         centroid_weights=torch.tensor([[0.75, 0, 0, 0, 0], [0.25, 0, 0, 0, 0]]),
     )
-    assert "split" not in _by_action(propose_edits(worse, CFG))
+    (charged,) = _by_action(propose_edits(worse, CFG))["split"]
+    assert charged.delta.misfit == pytest.approx(0.3 * (0.9 - (0.75 * 0.7 + 0.25 * 0.6))) and charged.delta.misfit > 0
+    assert charged.delta_F > split.delta_F
     assert "split" not in _by_action(propose_edits(make_view(), CFG))  # children's coherence unknown
 
 

@@ -27,7 +27,7 @@ SPLIT_REASON = "split: L0_E2 is bimodal <phi_slow> & its share grows"
 PRUNE_REASON = "prune: L1_E7 carries no tokens \"dead\" since step 300"
 VOCABULARY = ["\n", " ", "$x$", "the", "<b>", "é", "and"] + [f"tok{i}" for i in range(7, 40)]
 EXPECTED_PNGS = {
-    "timeline.png", "lineage.png",
+    "timeline.png", "lineage.png", "audits.png",
     "phi_L0.png", "beta_L0.png", "shares_L0.png", "basins_L0.png",
     "phi_L1.png", "beta_L1.png", "shares_L1.png", "basins_L1.png",
 }
@@ -152,6 +152,21 @@ def control_lines() -> list[dict[str, Any]]:
             for step in STEPS[:3] for layer in (0, 1)]
 
 
+def audit_lines() -> list[dict[str, Any]]:
+    return [
+        {"step": 320, "layer_id": 0, "edit_step": 20, "action": "split", "expert_id": "L0_E2", "child_id": "L0_E6",
+         "predicted": {"misfit": -0.02, "complexity": 0.01, "redundancy": 0.0, "instability": -0.03,
+                       "delta_F": -0.04}, "realised": {"delta_F": -0.01}, "readings_before": {"share": [0.2]},
+         "readings_after": {"share": [0.1]}, "loss": {"change": -0.004, "noise": 0.002}, "verdict": "kept",
+         "reason": "kept: loss fell"},
+        {"step": 360, "layer_id": 1, "edit_step": 60, "action": "prune", "expert_id": "L1_E3", "child_id": None,
+         "predicted": {"misfit": 0.01, "complexity": -0.01, "redundancy": 0.0, "instability": 0.0,
+                       "delta_F": -0.02}, "realised": {"delta_F": 0.03}, "readings_before": {"share": [0.05]},
+         "readings_after": {"share": [0.0]}, "loss": {"change": 0.05, "noise": 0.002}, "verdict": "rolled_back",
+         "reason": "harmful: loss rose <b>"},
+    ]
+
+
 def jsonl(records: list[Any]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
@@ -167,6 +182,7 @@ def write_run(root: Path, files: tuple[str, ...] | None = None) -> Path:
         "control_decisions.jsonl": jsonl(control_lines()),
         "lineage.json": json.dumps(lineage()),
         "basins.json": json.dumps(basins()),
+        "audits.jsonl": jsonl(audit_lines()),
     }
     for name, text in content.items():
         if files is None or name in files:
@@ -506,3 +522,13 @@ def test_compare_default_out_and_errors(tmp_path: Path, capsys: pytest.CaptureFi
     (tmp_path / "bad.json").write_bytes(b"\x00\x01 not json")
     code, _, stderr = run_cli(["compare", str(tmp_path / "bad.json")], capsys)
     assert code == 2 and "bad.json" in stderr
+
+
+def test_audits_are_tabled_and_plotted(tmp_path: Path) -> None:
+    run = write_run(tmp_path)
+    result = render_report(run, tmp_path / "out")
+    html = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert "2 audited edit(s), 1 rolled back" in html
+    assert "harmful: loss rose &lt;b&gt;" in html and "rolled_back" in html
+    assert_real_png(tmp_path / "out" / "audits.png")
+    assert not [n for n in result.skipped if "audits" in n]

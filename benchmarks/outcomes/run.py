@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help=f"output directory (default {DEFAULT_OUT}[_quick])")
     p.add_argument("--fresh", action="store_true", help="rerun runs whose record already exists")
     p.add_argument("--no-plots", action="store_true", help="skip the comparison plots")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="run nothing: summarise the records already in <out>/raw (missing runs are listed)")
     args = p.parse_args(argv)
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
@@ -99,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                         pass
                 spec = RunSpec(scenario, arm, seed, protocol, run_dir=str(out / "runs"))
                 jobs.append((spec, path))
+    if args.summarize_only:
+        for spec, _ in jobs:
+            print(f"missing: {spec.scenario}/{spec.arm}/s{spec.seed}", file=sys.stderr)
+        jobs = []
     # longest first: chronomoe arms and the 16-slot scenario
     jobs.sort(key=lambda j: ("chronomoe" in j[0].arm) + (j[0].scenario == "over"), reverse=True)
     started = time.time()

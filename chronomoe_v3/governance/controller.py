@@ -28,14 +28,18 @@ def _clip01(x: float) -> float:
     return min(1.0, max(0.0, x))
 
 
-def topology_debt(n_experts: int, n_effective: float, top2_share: float, dead_expert_count: int) -> float:
-    """``0.4*clip((0.6n - Neff)/(0.6n)) + 0.4*clip((top2 - 0.75)/0.25) + 0.2*clip(dead/max(1, n-1))``.
+def topology_debt(
+    n_experts: int, n_effective: float, top2_share: float, dead_expert_count: int, neff_fraction: float = 0.6
+) -> float:
+    """``0.4*clip((f n - Neff)/(f n)) + 0.4*clip((top2 - 0.75)/0.25) + 0.2*clip(dead/max(1, n-1))`` with
+    ``f = neff_fraction`` (v2: 0.6).
 
     The top2 term is used only when ``n > 2``: with two (or one) experts top2 is 1 whatever the balance,
     so v2 charged balanced small layers a permanent debt.
     """
     n = max(int(n_experts), 1)
-    neff_term = _clip01((0.6 * n - n_effective) / (0.6 * n))
+    target = neff_fraction * n
+    neff_term = _clip01((target - n_effective) / target)
     top2_term = _clip01((top2_share - 0.75) / 0.25) if n > 2 else 0.0
     dead_term = _clip01(dead_expert_count / max(1, n - 1))
     return 0.4 * neff_term + 0.4 * top2_term + 0.2 * dead_term
@@ -63,12 +67,15 @@ class ControlConfig:
     mode_switch_backoff: float = 0.3
     initial_mode: str = SteeringMode.ANTI_DOMINANCE.value
     mode_cycle: tuple[str, ...] = tuple(m.value for m in SteeringMode)
+    neff_fraction: float = 0.6
 
     def __post_init__(self) -> None:
         for name in ("warmup_max_scale", "max_scale", "min_pressure", "harm_top2_rise"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(self.neff_fraction, (int, float)) and 0 < self.neff_fraction <= 1):
+            raise ValueError(f"neff_fraction must be in (0, 1], got {self.neff_fraction!r}")
         if not (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0):
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if not 0 <= self.pressure_retention < 1:
@@ -146,7 +153,7 @@ def plan_layer(
 ) -> _Plan:
     """One control step for one layer: new state and actuator values (no side effects)."""
     new = copy.copy(state)
-    debt = topology_debt(n, neff, top2, dead)
+    debt = topology_debt(n, neff, top2, dead, cfg.neff_fraction)
     new.pressure = cfg.pressure_retention * state.pressure + (1 - cfg.pressure_retention) * debt
     top2_rise = 0.0 if state.last_top2 is None else top2 - state.last_top2
     harm = state.last_scale > 0 and top2_rise > cfg.harm_top2_rise
@@ -157,7 +164,7 @@ def plan_layer(
     else:
         new.backoff = min(1.0, state.backoff * cfg.backoff_recovery)
     switched_from = None
-    if new.backoff < cfg.mode_switch_backoff and new.switch_armed:
+    if new.backoff < cfg.mode_switch_backoff and new.switch_armed and len(set(cfg.mode_cycle) - {new.mode}) > 0:
         cycle = list(cfg.mode_cycle)
         i = cycle.index(new.mode) if new.mode in cycle else -1
         switched_from, new.mode = new.mode, cycle[(i + 1) % len(cycle)]

@@ -28,28 +28,37 @@ it and keeps `min(phi_e, 0)` (a coherent expert's unique service is lost; strand
 credited).
 
 Candidates, one `propose_<action>` per edit kind (never on cooling experts; "judged" = active, measured,
->= `min_observations_to_judge`; every threshold lives in `ChronoConfig.objective`):
-- PRUNE (coherence): the judged expert with the lowest phi_slow, only if `phi_slow < prune_coherence_floor`
-  (default 0: "even when used it is decoherent, persistently") and its best absorber takes
-  `a >= prune_min_absorbable` (0.5) of its traffic. Misfit delta `(1 - s) w_e (phi_e - a phi_f -
-  (1 - a) min(phi_e, 0))`; N - 1; its pairs leave R; its excess bimodality leaves I.
-- PRUNE (utilisation fallback): an active expert that never fired over the window; delta `-lambda` (minus
-  stale R/I terms); selected even when that does not beat `min_improvement`. One per layer per cycle.
-- MERGE the pair with the largest r_ef, only if `r_ef >= merge_min_redundancy` (0.5); the more used one
-  survives and takes the other's traffic with `a = overlap[absorbed, survivor]`; misfit delta
+>= `min_observations_to_judge` observations and >= `min_evidence_tokens` tokens of evidence; "removable" =
+judged and at least `min_age_to_remove` training steps old; every threshold lives in `ChronoConfig.objective`).
+Nothing is removed from a concentrated layer (`concentration`: low slow Neff or a dominant top-2, a
+PRE_COLLAPSE / COLLAPSE_CONFIRMED alert, or the mid clock still pressing on it): there low traffic and
+look-alike experts are the router's doing, and starvation is not decoherence.
+- PRUNE the removable, non-degrading expert with the lowest phi_slow, only if `phi_slow <
+  prune_coherence_floor` (default 0: "even when used it is decoherent, persistently"), its share is below
+  `prune_max_share` of its fair share, and its best absorber takes `a >= prune_min_absorbable` (0.5) of its
+  traffic. Misfit delta `(1 - s) w_e (phi_e - a phi_f - (1 - a) min(phi_e, 0))`; N - 1; its pairs leave R;
+  its excess bimodality leaves I.
+- MERGE the removable pair with the largest r_ef, only if `r_ef >= merge_min_redundancy` (0.5); the more used
+  one survives and takes the other's traffic with `a = overlap[absorbed, survivor]`; misfit delta
   `max(0, moved-traffic misfit)` (a merge is justified by redundancy, never credited with a coherence gain);
   N - 1; the absorbed expert's pairs leave R and its excess bimodality leaves I.
 - SPLIT the most bimodal judged expert above `bimodality_threshold`: children take roles j with weights q_j
   and coherence `centroid_phi_j`: misfit delta `(1 - s) w_e (phi_e - sum_j q_j centroid_phi_j)` (0 when
-  unknown); its excess bimodality leaves I; N + 1; R unchanged. `centroid_phi_j` is phi's own estimator
-  applied to the child right after the split (role centroid against the parent's reference plus the
-  sibling's contribution, `BimodalityState.centroid_phi`), so it compares like with like with `phi_e`.
+  unknown; a penalty when the children are predicted less coherent than the parent); its excess bimodality
+  leaves I; N + 1; R unchanged. `centroid_phi_j` is phi's own estimator applied to the child right after the
+  split (role centroid against the parent's reference plus the sibling's contribution,
+  `BimodalityState.centroid_phi`), so it compares like with like with `phi_e`.
 - SPAWN when `s > starvation_floor` (0.15) persistently (at least one judged expert) while the judged
   experts are individually coherent (median phi_slow above the prune floor): the new expert is predicted
   to serve `min(s, 1 / (N + 1))` of the traffic (a starved share, at most its fair share) at the layer's
-  coherence: misfit delta `-min(s, 1/(N+1)) * max(Psi, 0)`; N + 1.
+  coherence: misfit delta `-min(s, 1/(N+1)) * max(Psi, 0)`; N + 1. Allowed in a concentrated layer.
+- REPLACE a degrading judged expert (fast phi fell away from its baseline, or its identity broke) by a
+  perturbed copy of the expert the router finds most interchangeable with it, keeping its router row: its
+  share is predicted to be served at the donor's phi_slow instead of its own phi_fast. Not in a
+  concentrated layer.
 Removing edits need `N - 1 >= min_experts_per_layer`; adding edits need `N + 1 <= max_experts_per_layer`
-and a free slot.
+and a free slot. An edit is executed only when its predicted delta_F < -min_improvement; every executed edit
+is audited and rolled back when it hurt (`audit.py`).
 
 Selection under the cycle's rules is `select.py`.
 """
@@ -235,6 +244,7 @@ class _Layer:
     excess: Tensor
     measured: Tensor
     judged: Tensor  # active, not cooling, measured, enough evidence
+    removable: Tensor  # judged, old enough for a removal to rest on its own history
     degrading: Tensor
     n_in_play: int
     concentrated: str  # why the layer counts as concentrated ("" when it does not)
@@ -291,11 +301,14 @@ def _layer(view: LayerView, config: ChronoConfig) -> _Layer:
     if view.evidence is not None:
         judged = judged & (view.evidence >= params.min_evidence_tokens)
     degrading = view.degrading if view.degrading is not None else torch.zeros_like(view.active)
+    removable = judged.clone()
+    if view.age is not None:
+        removable = removable & (view.age >= params.min_age_to_remove)
     return _Layer(
         view=view, config=config, f_before=free_energy(view, config).total, psi=_psi(view, measured),
         served=1.0 - float(view.starvation), shares=_shares(view, measured),
         redundancy=redundancy_matrix(view, params), overlap=routing_overlap(view),
-        excess=_excess_bimodality(view, in_play, params), measured=measured, judged=judged,
+        excess=_excess_bimodality(view, in_play, params), measured=measured, judged=judged, removable=removable,
         degrading=degrading & eligible, n_in_play=int(in_play.sum()), concentrated=concentration(view, config),
     )
 
@@ -316,7 +329,7 @@ def propose_prune(view: LayerView, config: ChronoConfig, layer: _Layer | None = 
         return []
     phi, w = v.phi_slow, L.shares
     light = w < params.prune_max_share / max(L.n_in_play, 1)
-    prunable = L.judged & ~L.degrading & (phi < params.prune_coherence_floor) & light
+    prunable = L.removable & ~L.degrading & (phi < params.prune_coherence_floor) & light
     if not bool(prunable.any()):
         return []
     e = int(torch.where(prunable, phi, float("inf")).argmin())
@@ -346,7 +359,7 @@ def propose_merge(view: LayerView, config: ChronoConfig, layer: _Layer | None = 
     v, params = L.view, config.objective
     if not L.can_remove or L.concentrated:
         return []
-    ok = L.judged & ~L.degrading
+    ok = L.removable & ~L.degrading
     pair_ok = ok.unsqueeze(0) & ok.unsqueeze(1)
     rr = torch.where(pair_ok, L.redundancy, 0.0)
     if not (float(rr.max()) > 0 and float(rr.max()) >= params.merge_min_redundancy):
@@ -370,9 +383,10 @@ def propose_merge(view: LayerView, config: ChronoConfig, layer: _Layer | None = 
 
 
 def propose_split(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
-    """SPLIT the most bimodal judged expert above the bimodality threshold, only when its children are predicted
-    to be more coherent than it (the detector's `centroid_phi`, the same estimator as phi): a split is for two
-    roles that are better served apart, and the instability term alone never justifies one."""
+    """SPLIT the most bimodal judged expert above the bimodality threshold. The children's predicted coherence
+    (the detector's `centroid_phi`, the same estimator as phi) enters the misfit delta honestly, a penalty
+    when it is below the parent's: a split must pay through the instability it removes beyond what it costs
+    in coherence and complexity, and the audit rolls it back when the loss says otherwise."""
     L = layer if layer is not None else _layer(view, config)
     v, params = L.view, config.objective
     if not L.can_add or v.centroid_phi is None:
@@ -387,8 +401,6 @@ def propose_split(view: LayerView, config: ChronoConfig, layer: _Layer | None = 
     q = v.centroid_weights[:, e] if v.centroid_weights is not None else torch.full((2,), 0.5, dtype=torch.float64)
     q = q / q.sum() if float(q.sum()) > 0 else torch.full((2,), 0.5, dtype=torch.float64)
     phi_children = float((q * v.centroid_phi[:, e]).sum())
-    if not phi_children > float(phi[e]):
-        return []
     misfit = L.served * float(L.shares[e]) * (float(phi[e]) - phi_children)
     delta = FreeEnergy(misfit, params.lambda_complexity, 0.0, -params.kappa_instability * float(L.excess[e]))
     return [EditCandidate(
@@ -430,8 +442,8 @@ def propose_replace(view: LayerView, config: ChronoConfig, layer: _Layer | None 
     its own (fast) one."""
     L = layer if layer is not None else _layer(view, config)
     v = L.view
-    if v.phi_fast is None or not bool(L.degrading.any()):
-        return []
+    if v.phi_fast is None or not bool(L.degrading.any()) or L.concentrated:
+        return []  # in a layer being rebalanced, coherence is in flux: repairs wait
     candidates = L.degrading & L.judged & torch.isfinite(v.phi_fast)
     if not bool(candidates.any()):
         return []

@@ -114,6 +114,11 @@ class CoherenceState(nn.Module):
         self.register_buffer("nonfinite_skips", torch.zeros(num_experts, dtype=torch.int64, device=device))
         self.register_buffer("phi_last", torch.full((num_experts,), float("nan"), device=device))
         self.role = DebiasedEMA(num_experts, [self.config.coherence.role.retention], (hidden_size,), device=device)
+        # Identity: cos(this step's unit mean output, the role vector before it), at the fast and slow clocks.
+        # An expert whose weights are broken (a bad update, corruption) keeps its traffic but changes what it
+        # outputs: its fast identity falls far below its slow one while its phi may hardly move.
+        coh = self.config.coherence
+        self.identity = DebiasedEMA(num_experts, [coh.fast.retention, coh.slow.retention], device=device)
         c = self.config
         floors = [c.bridge.alpha_floor_fast, c.bridge.alpha_floor_mid, c.coherence.slow.retention]
         # A constant of the config (not saved): the retentions relevance pulls the clocks towards.
@@ -161,6 +166,11 @@ class CoherenceState(nn.Module):
         share = stats.counts / total.clamp_min(1.0)
         self.share.update(share, active & (total > 0))
         unit = stats.sum_out / stats.sum_out.norm(dim=-1, keepdim=True).clamp_min(_ABS_ZERO)
+        role = self.role.read()[0]
+        known = measured & torch.isfinite(role).all(dim=-1)
+        known_role = torch.nan_to_num(role, nan=0.0)
+        same = (unit * known_role).sum(-1) / known_role.norm(dim=-1).clamp_min(_ABS_ZERO)
+        self.identity.update(same, known)
         self.role.update(unit, measured)
         self.last_seen.copy_(torch.where(measured, self.step, self.last_seen))
         self.nonfinite_skips.add_((stats.nonfinite & active).to(torch.int64))
@@ -174,6 +184,7 @@ class CoherenceState(nn.Module):
         self.phi.reset_entries(experts)
         self.share.reset_entries(experts)
         self.role.reset_entries(experts)
+        self.identity.reset_entries(experts)
         self.last_seen.masked_fill_(experts, -1)
         self.nonfinite_skips.masked_fill_(experts, 0)
         self.phi_last.masked_fill_(experts, float("nan"))
@@ -184,6 +195,7 @@ class CoherenceState(nn.Module):
         self.phi.copy_entry(src, dst)
         self.share.copy_entry(src, dst)
         self.role.copy_entry(src, dst)
+        self.identity.copy_entry(src, dst)
         self.last_seen[dst] = self.last_seen[src]
         self.phi_last[dst] = self.phi_last[src]
 
@@ -233,7 +245,8 @@ class CoherenceState(nn.Module):
         return clocks[0] - clocks[1 if self.config.degrade.baseline == "mid" else 2]
 
     def degrading(self, active_mask: Tensor | None = None) -> Tensor:
-        """[E] bool: experts whose fast coherence has fallen below their baseline (mid or slow) coherence.
+        """[E] bool: experts whose fast coherence has fallen below their baseline (mid or slow) coherence, or
+        whose identity broke (`broken`).
 
         With `degrade_reference="layer_median"` (default) each expert's delta is judged against the median
         delta of the layer's active measured experts, so a layer drifting as a whole flags nobody, and the
@@ -255,6 +268,30 @@ class CoherenceState(nn.Module):
                 threshold = torch.maximum(threshold, torch.nan_to_num(mad, nan=0.0) * self.config.degrade.z)
         else:
             relative = delta
+        return (eligible & (relative < -threshold)) | self.broken(active_mask)
+
+    @property
+    def identity_clocks(self) -> Tensor:
+        """[2, E] debiased identity (fast, slow): how closely each expert's mean output keeps its direction
+        (cosine of a step's unit mean output with the role vector before it); NaN where never measured."""
+        return self.identity.read()
+
+    def broken(self, active_mask: Tensor | None = None) -> Tensor:
+        """[E] bool: experts whose identity broke: fast identity below slow identity by more than
+        `degrade.identity_threshold`, beyond the layer's median drop and `degrade.z` robust spreads of it (so
+        a layer changing as a whole flags nobody), after `degrade.min_observations` observations. This is
+        the damage signal phi can miss: a broken expert that was never very coherent keeps a similar phi."""
+        clocks = self.identity_clocks
+        delta = clocks[0] - clocks[1]
+        eligible = torch.isfinite(delta) & (self.observations >= self.config.degrade.min_observations)
+        if active_mask is not None:
+            eligible = eligible & active_mask.to(eligible.device)
+        median = _nanmedian_masked(delta, eligible)
+        relative = delta - torch.where(torch.isfinite(median), median, torch.zeros_like(median))
+        threshold = torch.tensor(self.config.degrade.identity_threshold, device=delta.device)
+        if self.config.degrade.z > 0:
+            mad = _nanmedian_masked(relative.abs(), eligible) * 1.4826
+            threshold = torch.maximum(threshold, torch.nan_to_num(mad, nan=0.0) * self.config.degrade.z)
         return eligible & (relative < -threshold)
 
     def layer_psi(self, clock: int = 2) -> Tensor:

@@ -189,10 +189,17 @@ class LayerObserver(nn.Module):
         return 0.0 if value != value else min(max(value, 0.0), 1.0)
 
     def view(
-        self, layer_id: int, active: Tensor, cooling: Tensor, alerts: Sequence[str] = (), pressure: float = 0.0
+        self,
+        layer_id: int,
+        active: Tensor,
+        cooling: Tensor,
+        alerts: Sequence[str] = (),
+        pressure: float = 0.0,
+        age: Tensor | None = None,
     ) -> LayerView:
         """What the slow objective reads of this layer, on the host (`active`, `cooling`: `[E]` bool; `alerts`:
-        the v2 alert kinds on this layer now; `pressure`: the mid clock's pressure on it)."""
+        the v2 alert kinds on this layer now; `pressure`: the mid clock's pressure on it; `age`: `[E]` training
+        steps since each slot's expert was born)."""
         coh, bim = self.coherence, self.bimodality
         tokens = float(self.coactivation_tokens)
         return LayerView(
@@ -213,4 +220,5 @@ class LayerObserver(nn.Module):
             degrading=coh.degrading(active).detach().cpu(),
             alerts=tuple(alerts),
             pressure=pressure,
+            age=age,
         ).to_host()

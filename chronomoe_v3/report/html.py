@@ -52,8 +52,12 @@ CAPTIONS = {
     "phi": "Each line is one expert's phase coherence phi (the cosine between its mean output and the layer's "
            "mixture) at the fast (top), mid and slow (bottom) clocks; higher means more aligned, and gaps are "
            "steps where it was not measured or the expert did not exist.",
-    "beta": "Each line is one expert's slow routing bias beta: above zero the router favours the expert, "
-            "below zero it is held back.",
+    "beta": "Each line is one expert's router-side bias: the slow clock's beta (coherent experts earn a little "
+            "preference) and, with a mid clock, its selection offset (which moves tokens from dominant experts "
+            "to starved ones); above zero the router favours the expert, below zero it is held back.",
+    "audits": "Each point is one executed edit after its audit window: how much it was predicted to lower the "
+              "layer's free energy (left of 0: predicted to help) against what the training loss did relative "
+              "to its trend (above 0: it rose); red edits were judged harmful and rolled back.",
     "shares": "The coloured bands stack each expert's share of the tokens routed since the previous reading "
               "(the bands fill to 1); the black line on the right axis is Neff, the effective number of experts "
               "in use.",
@@ -193,6 +197,28 @@ def _decisions_html(run: RunData) -> list[str]:
     return out + ["</table>"]
 
 
+def _audits_html(run: RunData) -> list[str]:
+    if not run.audits:
+        return []
+    rolled = sum(a["verdict"] == "rolled_back" for a in run.audits)
+    out = ["<h3>Audits</h3>",
+           f"<p>{len(run.audits)} audited edit(s), {rolled} rolled back. Predicted: the edit's delta_F; realised: "
+           "the layer's F after the audit window minus before; loss: the change against the trend before the "
+           "edit.</p>",
+           '<table class="decisions">', "<tr><th>edit step</th><th>layer</th><th>action</th><th>expert</th>"
+           "<th>predicted ΔF</th><th>realised ΔF</th><th>loss change</th><th>verdict</th><th>reason</th></tr>"]
+    for a in sorted(run.audits, key=lambda a: (a["edit_step"], a["layer_id"])):
+        out.append(
+            f'<tr><td class="num">{a["edit_step"]}</td><td class="num">{a["layer_id"]}</td><td>{_e(a["action"])}</td>'
+            f"<td>{_e(a.get('expert_id') or '')}</td>"
+            f'<td class="num">{_e(_num(a["predicted"].get("delta_F"), "+.4g"))}</td>'
+            f'<td class="num">{_e(_num(a["realised"].get("delta_F"), "+.4g"))}</td>'
+            f'<td class="num">{_e(_num(a["loss"].get("change"), "+.4g"))}</td><td>{_e(a["verdict"])}</td>'
+            f"<td>{_e(a.get('reason', ''))}</td></tr>"
+        )
+    return out + ["</table>"]
+
+
 def index_html(run: RunData, images: list[Path], notes: list[str]) -> str:
     """The report page of a run.
 
@@ -208,6 +234,9 @@ def index_html(run: RunData, images: list[Path], notes: list[str]) -> str:
     body += _decisions_html(run)
     if "lineage.png" in by_name:
         body += _figure_html(by_name["lineage.png"], "Expert lineage", CAPTIONS["lineage"])
+    body += _audits_html(run)
+    if "audits.png" in by_name:
+        body += _figure_html(by_name["audits.png"], "Audits", CAPTIONS["audits"])
     headings = {"phi": "Phase coherence phi", "beta": "Routing bias beta", "shares": "Token shares and Neff",
                 "basins": "Most attracted tokens"}
     for layer_id in sorted(set(run.layer_ids()) | {b.layer for b in run.basins}):

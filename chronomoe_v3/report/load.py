@@ -30,10 +30,11 @@ MANIFEST_FILE = "run_manifest.json"
 READINGS_FILE = "readings.jsonl"
 DECISIONS_FILE = "lifecycle_decisions.jsonl"
 CONTROL_FILE = "control_decisions.jsonl"
+AUDITS_FILE = "audits.jsonl"
 LINEAGE_FILE = "lineage.json"
 BASINS_FILE = "basins.json"
 
-SLOT_NUMBER_KEYS = ("phi_fast", "phi_mid", "phi_slow", "beta", "share", "share_slow", "bimodality")
+SLOT_NUMBER_KEYS = ("phi_fast", "phi_mid", "phi_slow", "beta", "offset", "share", "share_slow", "bimodality")
 SLOT_BOOL_KEYS = ("active", "degrading")
 LAYER_NUMBER_KEYS = ("neff", "top2", "dead", "psi_slow", "lens_scale")
 EXPERT_STATES = ("cooling", "active", "archived")
@@ -138,6 +139,7 @@ class RunData:
     lineage_step: int | None = None
     basins: list[Basin] = field(default_factory=list)
     basins_step: int | None = None
+    audits: list[dict[str, Any]] = field(default_factory=list)
     vocabulary: list[str] | None = None
     skipped: list[str] = field(default_factory=list)
 
@@ -532,6 +534,27 @@ def _load_control(run: RunData) -> None:
             run.skipped.append(f"{CONTROL_FILE} line {lineno}: {err}")
 
 
+def _parse_audit(value: Any) -> dict[str, Any]:
+    record = _object(value, "the line")
+    for key in ("step", "layer_id", "edit_step"):
+        _int(record.get(key), key)
+    _str(record.get("action"), "action")
+    _choice(record.get("verdict"), "verdict", ("kept", "rolled_back"))
+    for key in ("predicted", "realised", "loss"):
+        _object(record.get(key), key)
+    _number(record["predicted"].get("delta_F"), "predicted.delta_F")
+    return record
+
+
+def _load_audits(run: RunData) -> None:
+    note = "missing (written once an executed edit has been audited)"
+    for lineno, value in _json_lines(run.run_dir / AUDITS_FILE, run.skipped, note):
+        try:
+            run.audits.append(_parse_audit(value))
+        except _Bad as err:
+            run.skipped.append(f"{AUDITS_FILE} line {lineno}: {err}")
+
+
 def _load_lineage(run: RunData, slot_counts: dict[int, int]) -> None:
     data = _json_file(run.run_dir / LINEAGE_FILE, run.skipped)
     if data is None:
@@ -599,6 +622,7 @@ def load_run(run_dir: str | Path) -> RunData:
     _load_readings(run, slot_counts)
     _load_decisions(run)
     _load_control(run)
+    _load_audits(run)
     _load_lineage(run, slot_counts)
     _load_basins(run)
     return run

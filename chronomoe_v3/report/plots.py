@@ -153,23 +153,65 @@ def plot_phi(run: RunData, layer_id: int, path: Path) -> str | None:
 
 
 def plot_beta(run: RunData, layer_id: int, path: Path) -> str | None:
-    """Each expert's slow routing bias beta over the steps.
+    """Each expert's router-side biases over the steps: the slow clock's beta and, where the run has a mid
+    clock, its selection offset (one panel each).
 
     Takes the run, a layer id and the PNG path; returns None when written, else why it was not drawn."""
-    steps, series = _series(run, layer_id, "beta")
-    if not _any_known(series):
-        return f"{path.name}: not drawn, layer {layer_id} has no beta readings"
-    colours = _colours(len(series))
-    fig = _figure(10, 4.5)
+    panels = []
+    for key, label in (("beta", "beta (slow clock)"), ("offset", "selection offset (mid clock)")):
+        steps, series = _series(run, layer_id, key)
+        if _any_known(series) and any(np.nanmax(np.abs(v)) > 0 for v in series.values() if np.isfinite(v).any()):
+            panels.append((steps, series, label))
+    if not panels:
+        steps, series = _series(run, layer_id, "beta")
+        if not _any_known(series):
+            return f"{path.name}: not drawn, layer {layer_id} has no beta readings"
+        panels.append((steps, series, "beta (slow clock)"))
+    fig = _figure(10, 3.6 * len(panels) + 0.8)
+    axes = list(np.atleast_1d(fig.subplots(len(panels), 1, sharex=True, squeeze=False)).ravel())
+    for ax, (steps, series, label) in zip(axes, panels, strict=True):
+        colours = _colours(len(series))
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        for colour, (eid, values) in zip(colours, series.items(), strict=True):
+            ax.plot(steps, values, marker=".", markersize=3, linewidth=1, color=colour, label=_plain_text(eid))
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        _legend(ax, len(series), title="expert")
+    axes[-1].set_xlabel("training step")
+    fig.suptitle(f"Router-side biases per expert, {_layer_title(run, layer_id)}")
+    _save(fig, path)
+    return None
+
+
+def plot_audits(run: RunData, path: Path) -> str | None:
+    """Every audited edit: its predicted delta_F against what the loss then did (change against its trend),
+    coloured by verdict; without loss readings, against the realised delta_F of the layer.
+
+    Takes the run and the PNG path; returns None when written, else why it was not drawn."""
+    if not run.audits:
+        return f"{path.name}: not drawn, no edit has been audited"
+    fig = _figure(8, 5)
     ax = fig.subplots()
+    colours = {"kept": "tab:blue", "rolled_back": "tab:red"}
+    use_loss = any(a["loss"].get("change") is not None for a in run.audits)
+    for verdict, colour in colours.items():
+        pts = [(a["predicted"]["delta_F"],
+                a["loss"].get("change") if use_loss else a["realised"].get("delta_F"), a)
+               for a in run.audits if a["verdict"] == verdict]
+        pts = [(x, y, a) for x, y, a in pts if isinstance(y, (int, float))]
+        if not pts:
+            continue
+        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], color=colour, label=verdict.replace("_", " "))
+        for x, y, a in pts:
+            ax.annotate(_plain_text(f"{a['action']} {a.get('expert_id') or ''}"), (x, y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
     ax.axhline(0.0, color="black", linewidth=0.8)
-    for colour, (eid, values) in zip(colours, series.items(), strict=True):
-        ax.plot(steps, values, marker=".", markersize=3, linewidth=1, color=colour, label=_plain_text(eid))
-    ax.set_xlabel("training step")
-    ax.set_ylabel("beta (routing bias)")
-    ax.set_title(f"Slow routing bias beta per expert, {_layer_title(run, layer_id)}")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("predicted delta_F of the edit (below 0: predicted to help)")
+    ax.set_ylabel("loss change against its trend" if use_loss else "realised delta_F of the layer")
+    ax.set_title("Audits: what each edit predicted and what followed")
     ax.grid(alpha=0.3)
-    _legend(ax, len(series), title="expert")
+    ax.legend(fontsize=8)
     _save(fig, path)
     return None
 
@@ -341,6 +383,7 @@ def write_run_plots(run: RunData, out_dir: Path) -> tuple[list[Path], list[str]]
         attempt(f"beta_L{layer_id}.png", plot_beta, layer_id)
         attempt(f"shares_L{layer_id}.png", plot_shares, layer_id)
     attempt("lineage.png", plot_lineage)
+    attempt("audits.png", plot_audits)
     for layer_id in sorted({b.layer for b in run.basins}):
         attempt(f"basins_L{layer_id}.png", plot_basins, layer_id)
     return written, notes
