@@ -37,7 +37,7 @@ import json
 import math
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -473,6 +473,29 @@ class ChronoSystem:
 
     def _parts(self, i: int) -> LayerParts:
         return LayerParts(self.banks[i], self.observers[i], self.biases[i], self._selection_biases(i))
+
+    def close(self) -> list[AuditRecord]:
+        """End of training: judge the edits still under audit on the window they had (verdict `partial`, logged
+        to `audits.jsonl` like the others; nothing is rolled back, the run is over) and return those records.
+        Call it once after the last `step()`; the system can still be saved afterwards."""
+        closed = []
+        step = self.global_step
+        for i in sorted(self.audits):
+            audit = self.audits.pop(i)
+            view = self.layer_view(i).to_host()
+            after = slot_readings(torch.nan_to_num(view.share_slow, nan=0.0), view.phi_slow, audit.slots)
+            losses = [(s, v) for s, v in self.losses if s > audit.edit_step]
+            harmful, verdict = judge(audit, free_energy(view, self.config), after, losses, self.config, step)
+            seen = step - audit.edit_step
+            verdict = replace(verdict, verdict="partial", reason=(
+                f"run closed {seen} of {self.config.lifecycle.audit_steps} audit steps after the edit; "
+                f"{'would be harmful' if harmful else 'would be kept'}: {verdict.reason}"
+            ))
+            self.audit_log.append(verdict)
+            if self.runlog is not None:
+                self.runlog.write_audit(verdict.to_dict())
+            closed.append(verdict)
+        return closed
 
     def _close_audits(self, step: int) -> list[LifecycleAction]:
         """Judge the edits whose audit window has passed; roll back the harmful ones (lifecycle/audit.py)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 
@@ -19,7 +20,7 @@ D = 8
 CFG = ChronoConfig(
     lifecycle=LifecycleConfig(eval_interval=20, cooldown_steps=40, cooling_period=40),
     degrade=DegradeConfig(min_observations=50),
-    objective=ObjectiveConfig(min_observations_to_judge=50, min_evidence_tokens=500),
+    objective=ObjectiveConfig(min_observations_to_judge=50, min_evidence_tokens=500, min_age_to_remove=50),
     basins=BasinConfig(history=30),
 )
 
@@ -124,7 +125,8 @@ def test_duplicated_experts_are_merged() -> None:
             p[1] = p[0]
         layer.router.weight[1] = layer.router.weight[0]
     # Duplicates drift apart at the top-k boundary (ties go to one of them), so judge them early.
-    system = _train(layer, replace(CFG, objective=replace(CFG.objective, min_observations_to_judge=20)), 4, 300)
+    early = replace(CFG.objective, min_observations_to_judge=20, min_age_to_remove=20)
+    system = _train(layer, replace(CFG, objective=early), 4, 300)
     merges = [r for r in _edits(system) if r.action == "merge"]
     assert merges and {merges[0].expert_id, merges[0].child_id} == {"L0_E0", "L0_E1"}
     assert "most redundant pair" in (merges[0].reason or "")
@@ -303,6 +305,41 @@ def test_an_edit_made_to_hurt_is_rolled_back() -> None:
     # The same kind of edit is not retried on the layer right away.
     more = _run(layer, system, opt, centres, targets, range(200, 260))
     assert more and not [r for r in _edits(system) if r.action == "prune" and r.step > rollback.step]
+
+
+def test_close_judges_the_edits_still_under_audit(tmp_path) -> None:
+    # Training ends 5 steps after an edit whose audit window is 50: close() judges it on those steps, logs it as
+    # `partial` in audits.jsonl and rolls nothing back.
+    layer, centres, targets = _regression_layer(1)
+    hurtful = replace(CFG, objective=replace(CFG.objective, prune_coherence_floor=1.0, prune_max_share=1.0,
+                                             prune_min_absorbable=0.0, lambda_complexity=0.5),
+                      lifecycle=replace(CFG.lifecycle, audit_steps=50, cooldown_steps=50))
+    system = ChronoSystem(layer, config=hurtful, run_id="closing", output_dir=tmp_path)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    system.attach_optimizer(opt)
+    edit_step = None
+    for step in range(200):
+        g = torch.Generator().manual_seed(step)
+        idx = torch.randint(0, 4, (64,), generator=g)
+        x = centres[idx] + 0.3 * torch.randn(len(idx), D, generator=g)
+        loss = (layer(x) - targets[idx]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        result = system.step(loss=float(loss.detach()))
+        if edit_step is None and any(a.action == "prune" for a in result.lifecycle_actions):
+            edit_step = system.global_step
+        if edit_step is not None and system.global_step >= edit_step + 5:
+            break
+    assert edit_step is not None and system.audits, "an edit is under audit when training ends"
+    active_before = layer.active_mask.clone()
+    closed = system.close()
+    assert len(closed) == 1 and closed[0].verdict == "partial" and closed[0].edit_step == edit_step
+    assert "run closed 5 of 50 audit steps" in closed[0].reason and closed[0].loss["after"] is not None
+    assert not system.audits and torch.equal(layer.active_mask, active_before)  # nothing rolled back
+    logged = [json.loads(line) for line in (tmp_path / "closing" / "audits.jsonl").read_text().splitlines()]
+    assert logged[-1]["verdict"] == "partial" and logged[-1]["edit_step"] == edit_step
+    assert system.close() == []  # idempotent
 
 
 def test_the_mid_clock_redistributes_a_collapsed_layer_and_keeps_the_starved_experts() -> None:

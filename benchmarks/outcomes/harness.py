@@ -294,6 +294,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     record["edits"] = []
     record["decisions"] = 0
     if system is not None:
+        system.close()  # edits still under audit are judged on the window they had
         record["decisions"] = len(system.decisions)
         for r in system.decisions:
             if r.action == "do_nothing":

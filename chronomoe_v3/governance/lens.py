@@ -275,7 +275,8 @@ class LogitLens(nn.Module):
     experts are weighted by. A controller that abstains (scale 0) leaves the offset where it is: like an
     aux-loss-free bias, what it learned keeps the layer balanced. Unlike an input lens (`ChronoLens`), whose
     push is one direction in the router's input space (a rank-1 change of the logits), this reaches every
-    expert's logit independently; `experiments/` and docs/results.md have the comparison on a collapsed start.
+    expert's logit independently (projectdesign.md, "Mid clock", says why it is the default; docs/results.md has
+    its effect on a collapsed start).
     """
 
     offset: torch.Tensor

@@ -95,7 +95,7 @@ class AuditRecord:
     readings_before: dict[str, list[float | None]]
     readings_after: dict[str, list[float | None]]
     loss: dict[str, float | None]
-    verdict: str  # "kept" or "rolled_back"
+    verdict: str  # "kept", "rolled_back", or "partial" (judged by `ChronoSystem.close()` before its window ended)
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
