@@ -37,6 +37,17 @@ def _grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     return out
 
 
+def keep_fp32(module: nn.Module, names: tuple[str, ...], apply: Callable[[], object]) -> None:
+    """Run `apply` (a module's `nn.Module._apply`, e.g. from `.to(bfloat16)`) so that the tensors `names` of
+    `module` follow the device but stay fp32: a model-wide cast must not round a balancer's bias or counts."""
+    keep = {name: getattr(module, name) for name in names}
+    apply()
+    for name, old in keep.items():
+        new = getattr(module, name)
+        if new is not None and new.dtype != torch.float32:
+            setattr(module, name, old.to(device=new.device, dtype=torch.float32))
+
+
 class ChronoMoELayer(nn.Module):
     """A top-k MoE layer with `max_experts` fixed slots and an active mask.
 
@@ -165,13 +176,7 @@ class ChronoMoELayer(nn.Module):
         return self.expert_bias
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ChronoMoELayer:
-        # A model-wide cast must not round the balancer's bias or counts: keep them fp32, follow the device.
-        keep = {name: getattr(self, name) for name in ("expert_bias", "tokens_per_expert")}
-        super()._apply(fn, recurse)
-        for name, old in keep.items():
-            new = getattr(self, name)
-            if new is not None and new.dtype != torch.float32:
-                setattr(self, name, old.to(device=new.device, dtype=torch.float32))
+        keep_fp32(self, ("expert_bias", "tokens_per_expert"), lambda: super(ChronoMoELayer, self)._apply(fn, recurse))
         return self
 
     @property
