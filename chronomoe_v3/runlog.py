@@ -15,6 +15,7 @@ from typing import Any
 
 from .jsonl import append_jsonl, write_json_atomic
 from .telemetry import RoutingEvent, SystemSnapshot, TelemetryWriter
+from .telemetry.io import MANIFEST_FILE
 
 FORMAT = 1
 READINGS_FILE = "readings.jsonl"
@@ -56,6 +57,26 @@ def layer_metrics(layer: Mapping[str, Any]) -> dict[str, float]:
             if active[slot] and value is not None and math.isfinite(value):
                 out[f"chronomoe/L{lid}/E{slot}/{name}"] = float(value)
     return out
+
+
+def holds_no_records(run_dir: Path) -> bool:
+    """True when `run_dir` does not exist or holds nothing but its manifest and empty files."""
+    if not run_dir.is_dir():
+        return True
+    return all(p.name == MANIFEST_FILE or (p.is_file() and p.stat().st_size == 0) for p in run_dir.iterdir())
+
+
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """If `run_dir` already holds a run's records, rename it to the first free `<run_dir>.<n>` and return that
+    path (None when there was nothing to set aside). A new run never appends to an old one's files;
+    `ChronoSystem.load_state_dict` moves them back when it resumes that run."""
+    if holds_no_records(run_dir):
+        return None
+    n = 1
+    while (target := run_dir.with_name(f"{run_dir.name}.{n}")).exists():
+        n += 1
+    run_dir.rename(target)
+    return target
 
 
 class RunLog:

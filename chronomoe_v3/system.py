@@ -35,7 +35,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,7 +70,16 @@ from .lifecycle.decisions import DecisionLog, DecisionRecord
 from .lifecycle.objective import LayerDecision, free_energy
 from .observe.observer import LayerObserver
 from .ops import ExpertRegistry, OptimizerSurgery, snapshot_slots
-from .runlog import BASIN_TOP_TOKENS, DECISIONS_FILE, RunLog, finite_or_none, layer_metrics, reading_record
+from .runlog import (
+    BASIN_TOP_TOKENS,
+    DECISIONS_FILE,
+    RunLog,
+    finite_or_none,
+    holds_no_records,
+    layer_metrics,
+    reading_record,
+    set_aside_previous_run,
+)
 from .telemetry import COLLAPSE_CONFIRMED, AlertHistory, RoutingEvent, SystemSnapshot, TokenCounter
 from .trace import MoETrace
 from .version import __version__
@@ -198,6 +209,18 @@ class ChronoSystem:
         self.layer_steps = [0] * len(self.layers)
         self.step_calls = 0
         self.last_edit_step: list[int | None] = [None] * len(self.layers)
+        # A run directory that already holds records is set aside (never appended to by another run); resuming
+        # that run with load_state_dict moves it back.
+        self._set_aside: tuple[Path, Path] | None = None
+        if self.output_dir is not None:
+            run_dir = self.output_dir / self.run_id
+            moved = set_aside_previous_run(run_dir)
+            if moved is not None:
+                self._set_aside = (run_dir, moved)
+                warnings.warn(
+                    f"{run_dir} already held a run's records: moved them to {moved} so that this run starts its "
+                    "own (load_state_dict of that run's checkpoint moves them back)", stacklevel=2,
+                )
         self.decision_log = DecisionLog(self._log_path())
         self.runlog: RunLog | None = None
         if self.output_dir is not None:
@@ -217,6 +240,22 @@ class ChronoSystem:
             a.add_observer(self._make_observer(i)) for i, a in enumerate(self.adapters)
         ]
 
+    def _resume_run_dir(self) -> None:
+        """After a checkpoint was loaded: write to the saved run's directory, taking back its records if this
+        system set them aside when it was built (and has written nothing of its own since)."""
+        assert self.output_dir is not None
+        run_dir = self.output_dir / self.run_id
+        if self._set_aside is not None:
+            fresh, moved = self._set_aside
+            if fresh == run_dir and holds_no_records(run_dir) and moved.is_dir():
+                shutil.rmtree(run_dir)
+                moved.rename(run_dir)
+            self._set_aside = None
+        if self.runlog is None or self.runlog.run_dir != run_dir:
+            self.runlog = RunLog(self.output_dir, self.run_id, self._manifest_metadata())
+        if self.decision_log.path != self._log_path():
+            self.decision_log = DecisionLog(self._log_path())
+
     def _log_path(self) -> Path | None:
         return None if self.output_dir is None else self.output_dir / self.run_id / LIFECYCLE_DECISIONS_FILE
 
@@ -232,8 +271,14 @@ class ChronoSystem:
     # ------------------------------------------------------------------ fast clock (per forward, no host sync)
     def _make_observer(self, i: int) -> Any:
         observe = self._observe_compiled
+        device = self.banks[i].active_mask.device  # where layer i's observer state lives
 
         def _observe(trace: MoETrace) -> None:
+            if trace.expert_out.device != device:  # tensor metadata: no host sync
+                raise RuntimeError(
+                    f"MoE layer {self.layer_names[i]!r} now runs on {trace.expert_out.device}, but this ChronoSystem "
+                    f"keeps its state for it on {device}: move the model before building the system on it"
+                )
             observe(i, trace)
             self._count_tokens(i, trace)
             self.layer_steps[i] += 1  # Python bookkeeping stays outside the (possibly compiled) observer
@@ -655,6 +700,13 @@ class ChronoSystem:
         names = list(state["layer_names"])
         if names != self.layer_names:
             raise ValueError(f"saved state has MoE layers {names}; this system has {self.layer_names}")
+        saved_widths = [len(layer) for layer in state["registry"]["slots"]]
+        widths = [b.num_slots for b in self.banks]
+        if saved_widths != widths:
+            raise ValueError(
+                f"saved state has {saved_widths} expert slots per MoE layer; this system's model has {widths}: build "
+                "the model at the saved width and load its state before the system's"
+            )
         new_observers = []
         for i, (obs, saved) in enumerate(zip(self.observers, state["observers"], strict=True)):
             clone = copy.deepcopy(obs)
@@ -718,8 +770,8 @@ class ChronoSystem:
         self.pressure = {int(i): float(p) for i, p in state["pressure"].items()}
         vocabulary = state.get("vocabulary")
         self.vocabulary = None if vocabulary is None else [str(w) for w in vocabulary]
-        if self.output_dir is not None and self.decision_log.path != self._log_path():
-            self.decision_log = DecisionLog(self._log_path())
+        if self.output_dir is not None:
+            self._resume_run_dir()
         self.decision_log.records = records
         if self.surgery is not None and surgery_state is not None:
             self.surgery.load_state_dict(surgery_state)

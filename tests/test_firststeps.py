@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+torch.set_num_threads(1)  # tiny models: one thread is fastest, and two stall on a busy 2-core machine
+
 
 def test_firststeps_snippets_run():
     text = (Path(__file__).parent.parent / "firststeps.md").read_text()

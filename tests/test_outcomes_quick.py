@@ -83,3 +83,52 @@ def test_rerun_reuses_finished_runs(quick):
         r["final_val_nats"] for r in data["runs"] if r["scenario"] == "normal" and r["arm"] == "plain"
     )
     assert (out / "raw").stat().st_mtime_ns == before  # nothing was rerun
+
+
+# ---------------------------------------------------------------------- the hf-mixtral model option
+def test_hf_mixtral_model_runs_quick_and_its_records_are_cached_by_protocol(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    command = [sys.executable, str(ROOT / "benchmarks" / "outcomes" / "run.py"), "--quick", "--model", "hf-mixtral",
+               "--scenarios", "normal", "collapsed", "--arms", "plain", "chronomoe", "--workers", "2", "--no-plots",
+               "--out", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((out / "outcomes.json").read_text())
+    assert data["failures"] == [] and data["protocol"]["model"] == "hf-mixtral"
+    runs = {(r["scenario"], r["arm"]): r for r in data["runs"]}
+    assert set(runs) == {(s, a) for s in ("normal", "collapsed") for a in ("plain", "chronomoe")}
+    for r in runs.values():
+        assert r["protocol"]["model"] == "hf-mixtral" and r["eval_steps"][-1] == data["protocol"]["steps"]
+        assert all(v is not None and 0 < v < 10 for v in r["val_nats"])
+        assert r["active"][-1] == [8, 8]  # fixed width 8, all active
+    for s in ("normal", "collapsed"):  # the arms of a scenario start from the same weights
+        assert runs[(s, "plain")]["val_nats"][0] == runs[(s, "chronomoe")]["val_nats"][0]
+    # the +3 router bias on slots 0 and 1 concentrates the collapsed start on two experts per layer
+    assert all(n < 2.5 for n in runs[("collapsed", "plain")]["neff"][0])
+    assert all(n > 4 for n in runs[("normal", "plain")]["neff"][0])
+    assert sorted(p.name for p in (out / "raw").iterdir())[0] == "hf-mixtral__collapsed__chronomoe__s0.json"
+    assert (out / "runs" / "hf-mixtral-collapsed-chronomoe-s0" / "readings.jsonl").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "raw").iterdir()}
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "raw").iterdir()} == before  # cached, nothing rerun
+
+
+def test_hf_mixtral_refuses_what_it_does_not_support_and_old_records_count_as_tiny():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "outcomes"))
+    from harness import Protocol, RunSpec, check_supported
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "outcomes" / "run.py"), "--quick", "--model", "hf-mixtral",
+         "--scenarios", "damaged", "--arms", "plain", "aux", "--out", "/nonexistent"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2 and "--model hf-mixtral does not support ['damaged', 'aux']" in proc.stderr
+    with pytest.raises(ValueError, match="'over' with arm 'plain' is not supported with model 'hf-mixtral'"):
+        check_supported(RunSpec("over", "plain", 0, Protocol(model="hf-mixtral")))
+    with pytest.raises(ValueError, match="model='big' is invalid"):
+        check_supported(RunSpec("normal", "plain", 0, Protocol(model="big")))
+    saved = Protocol().to_dict()
+    del saved["model"]  # a record written before the model field
+    assert Protocol().matches(saved) and not Protocol(model="hf-mixtral").matches(saved)

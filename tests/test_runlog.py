@@ -121,3 +121,64 @@ def test_token_basins_survive_a_checkpoint(tmp_path):
         assert mine.tokens is not None and theirs.tokens is not None
         assert torch.equal(mine.tokens.counts, theirs.tokens.counts)
     assert other.vocabulary == system.vocabulary
+
+
+def _steps(model, opt, system, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randint(0, 20, (3, 8), generator=g)
+        loss = model.loss(x, x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        system.step(loss=float(loss.detach()))
+
+
+def test_a_new_run_never_appends_to_an_old_runs_directory(tmp_path):
+    _run(tmp_path, steps=4)
+    torch.manual_seed(1)
+    model = TinyMoELM(20, d_model=16, n_heads=2, d_ff=16, max_experts=6, top_k=2, num_active=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match=r"already held a run's records: moved them to .*r1\.1"):
+        system = ChronoSystem(model, run_id="r1", output_dir=tmp_path)
+    _steps(model, opt, system, 2, seed=5)
+    fresh = [json.loads(s) for s in (tmp_path / "r1" / "readings.jsonl").read_text().splitlines()]
+    old = [json.loads(s) for s in (tmp_path / "r1.1" / "readings.jsonl").read_text().splitlines()]
+    assert [r["call"] for r in fresh] == [1, 2] and [r["call"] for r in old] == [1, 2, 3, 4]
+    with pytest.warns(UserWarning, match=r"r1\.2"):  # the next free name; nothing is overwritten
+        ChronoSystem(model, run_id="r1", output_dir=tmp_path)
+
+
+def test_resuming_a_run_takes_its_directory_back(tmp_path):
+    system, _, run_dir = _run(tmp_path, steps=4)
+    model_state = {k: v.clone() for k, v in system.model.state_dict().items()}
+    state = system.state_dict()
+    torch.manual_seed(0)
+    model = TinyMoELM(20, d_model=16, n_heads=2, d_ff=16, max_experts=6, top_k=2, num_active=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    config = ChronoConfig(lifecycle=LifecycleConfig(eval_interval=2, max_experts_per_layer=6))
+    with pytest.warns(UserWarning, match="moved them"):
+        resumed = ChronoSystem(model, config=config, run_id="r1", output_dir=tmp_path)
+    resumed.attach_optimizer(opt)
+    model.load_state_dict(model_state)  # the documented order: model, optimiser, then the system
+    resumed.load_state_dict(state)
+    assert not (tmp_path / "r1.1").exists()
+    _steps(model, opt, resumed, 2, seed=7)
+    calls = [json.loads(s)["call"] for s in (run_dir / "readings.jsonl").read_text().splitlines()]
+    assert calls == [1, 2, 3, 4, 5, 6]  # one run's records, continued
+
+
+def test_a_checkpoint_of_another_run_id_writes_to_that_run(tmp_path):
+    system, _, _ = _run(tmp_path, steps=2)
+    state = system.state_dict()
+    torch.manual_seed(0)
+    model = TinyMoELM(20, d_model=16, n_heads=2, d_ff=16, max_experts=6, top_k=2, num_active=5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    config = ChronoConfig(lifecycle=LifecycleConfig(eval_interval=2, max_experts_per_layer=6))
+    other = ChronoSystem(model, config=config, output_dir=tmp_path)  # a random run id
+    other.attach_optimizer(opt)
+    model.load_state_dict(system.model.state_dict())
+    other.load_state_dict(state)
+    _steps(model, opt, other, 1, seed=3)
+    calls = [json.loads(s)["call"] for s in (tmp_path / "r1" / "readings.jsonl").read_text().splitlines()]
+    assert calls == [1, 2, 3]

@@ -10,7 +10,7 @@ token's norm: ``x' = x + s * ||x|| * d`` (``s`` dimensionless), plus the optiona
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -310,6 +310,18 @@ class LogitLens(nn.Module):
     @property
     def num_slots(self) -> int:
         return int(self.offset.shape[0])
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> LogitLens:
+        # A model-wide cast (`.to(torch.bfloat16)`, `.double()`) must not round the integrated offset: keep the
+        # fp32 buffers and take only the device the cast chose (as SlowBias does for beta).
+        names = ("offset", "steering", "scale")
+        keep = {name: getattr(self, name) for name in names}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float32:
+                setattr(self, name, old.to(device=new.device, dtype=torch.float32))
+        return self
 
     @property
     def s(self) -> float:

@@ -4,7 +4,8 @@ Nothing here imports a third-party library: `register_adapters_for(model)` looks
 classes of `model`'s modules come from and imports our matching integration only then (`transformers` ->
 `chronomoe_v3.integrations.hf`). `ChronoSystem` calls it during discovery, so `ChronoSystem(hf_model)` works
 with no extra import; importing `chronomoe_v3.integrations.hf` yourself registers the same adapters up front
-(e.g. to call `adapter_for` on a block before any system exists).
+(e.g. to call `adapter_for` on a block before any system exists). `chronomoe_v3.integrations.hf_trainer`
+(`ChronoCallback`, the Hugging Face Trainer callback) is imported only by the code that uses it.
 """
 
 from __future__ import annotations

@@ -96,6 +96,9 @@ their initial weights until an edit writes them (`ChronoSystem.attach_optimizer`
 **Persistence.** `block.chrono`'s buffers are model state (`model.layers.<i>.mlp.chrono.active_mask`, ...): to
 load such a state dict, give the new model its blocks' state first (`build_fixed_width`, or a `ChronoSystem`
 built the same way); `save_pretrained` writes those keys too, which plain transformers reports as unexpected.
+A state saved at another fixed width raises a ValueError naming the block and both widths (`HFMoEState`).
+A dtype cast of the model after attaching keeps `block.chrono`'s float state (beta, the balancer's bias, the mid
+clock's offsets) in fp32; `ChronoCallback` (`integrations/hf_trainer.py`) runs a system inside the HF Trainer.
 `balance.AuxLossFreeBalancer(model)` finds the blocks' states (`enable_expert_bias`) once they exist.
 """
 
@@ -200,6 +203,28 @@ class HFMoEState(nn.Module):
         names = ("expert_bias", "tokens_per_expert") if self.owns_expert_bias else ("tokens_per_expert",)
         keep_fp32(self, names, lambda: super(HFMoEState, self)._apply(fn, recurse))
         return self
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        saved = state_dict.get(prefix + "active_mask")
+        if isinstance(saved, Tensor) and tuple(saved.shape) != (self.num_slots,):
+            block = prefix[: -len(STATE_NAME) - 2] if prefix.endswith(f"{STATE_NAME}.") else prefix
+            width = saved.shape[0] if saved.dim() == 1 else tuple(saved.shape)
+            raise ValueError(
+                f"MoE block {block!r}: the state has {width} expert slots, this model {self.num_slots}; build the "
+                f"model at the saved width (build_fixed_width(model_cls, config, num_slots={width}, ...))"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _counting(self) -> bool:
         """A training forward seen for the first time (not checkpointing's recompute inside backward)."""
