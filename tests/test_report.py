@@ -532,3 +532,28 @@ def test_audits_are_tabled_and_plotted(tmp_path: Path) -> None:
     assert "harmful: loss rose &lt;b&gt;" in html and "rolled_back" in html
     assert_real_png(tmp_path / "out" / "audits.png")
     assert not [n for n in result.skipped if "audits" in n]
+
+
+def test_replacements_and_rollbacks_are_drawn(tmp_path: Path) -> None:
+    """The timeline and the lineage know every edit kind the system logs (replace, rollback), and a lineage
+    ending nobody planned for still draws (a marker of its own instead of a KeyError)."""
+    run = write_run(tmp_path)
+    extra = [
+        decision(900, 1, "replace", "L1_E3", "L1_E3_g1", -0.05, "replace: degrading"),
+        decision(1200, 1, "rollback", "L1_E3", "L1_E3_g1", 0.0, "harmful: loss rose"),
+    ]
+    with (run / "lifecycle_decisions.jsonl").open("a", encoding="utf-8") as f:
+        f.write("".join(d.to_json() + "\n" for d in extra))
+    data = json.loads((run / "lineage.json").read_text())
+    for e in data["experts"]:
+        if e["expert_id"] == "L1_E3":
+            e.update(state="archived", ended_step=900, ended_by="replace")
+    data["experts"].append(life("L1_E3_g1", 1, 3, 900, "replace", "L1_E0", ended=1200, ended_by="rollback"))
+    data["experts"].append(life("L1_E3_r", 1, 3, 1200, "restore", "L1_E3", ended=1300, ended_by="something_new"))
+    (run / "lineage.json").write_text(json.dumps(data))
+    result = render_report(run, tmp_path / "out")
+    skipped = [n for n in result.skipped if "lineage" in n or "timeline" in n]
+    assert len(skipped) == 1 and "something_new" in skipped[0], result.skipped  # said, not drawn
+    assert_real_png(tmp_path / "out" / "lineage.png")
+    html = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert "replace" in html and "rollback" in html

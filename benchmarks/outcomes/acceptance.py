@@ -197,16 +197,20 @@ def judge(runs: dict[Key, dict[str, Any]], audits: dict[Key, list[dict[str, Any]
         f"{audited} full audits + {partial} partial (judged at the end of the run) for {len(edits)} edits "
         f"({rollbacks} rolled back)",
     ))
-    heavy = []
+    heavy, unknown = [], []
     for k, e in edits:
         if e["action"] != "prune":
             continue
         m = re.search(r"share ([0-9.]+) < ([0-9.]+) x fair 1/(\d+)", e["reason"])
-        if m is None or float(m.group(1)) >= 0.5 / int(m.group(3)):
+        if m is None:
+            unknown.append((k, e["step"]))  # a reason that does not state the share (older versions)
+        elif float(m.group(1)) >= 0.5 / int(m.group(3)):
             heavy.append((k, e["step"]))
+    n_prunes = sum(1 for _, e in edits if e["action"] == "prune")
     points.append(point(
-        "no prune of an expert carrying >= half its fair share", not heavy,
-        f"{sum(1 for _, e in edits if e['action'] == 'prune')} prunes, {len(heavy)} of a busy expert",
+        "no prune of an expert carrying >= half its fair share", False if heavy else (None if unknown else True),
+        f"{n_prunes} prunes, {len(heavy)} of a busy expert"
+        + (f", {len(unknown)} whose reason does not state the share" if unknown else ""),
     ))
     return points
 

@@ -19,11 +19,27 @@ Scenarios
 Arms: `plain`; `aux` (Switch load-balancing loss, coefficient 0.01); `auxfree` (aux-loss-free bias, rate 1e-3);
 `chronomoe` (`ChronoSystem(model)` with its defaults, `step()` every 50 training steps); `chronomoe+auxfree`;
 `chronomoe+aux`.
+
+Models (`Protocol.model`): `tiny` (the `TinyMoELM` above) or `hf-mixtral`, a transformers `MixtralForCausalLM`
+of the same shape (2 layers, hidden 64, 4 heads of 4 key-value heads, intermediate 128, 8 expert slots, top-2,
+the corpus vocabulary, positions up to `seq`; Mixtral's own RMSNorm, rotary attention and SwiGLU experts) built at
+a fixed width of 8 slots, all active (`build_fixed_width`), and driven through the same loop (`HFMixtralLM`: logits
+and the next-token loss; no router aux loss). It runs the scenarios `normal` and `collapsed` with the arms `plain`,
+`auxfree`, `chronomoe` and `chronomoe+auxfree`; the others raise a ValueError (the damage is written for
+TinyMoELM's expert tensors; the `aux` arms' Switch loss is TinyMoELM's, not Mixtral's `load_balancing_loss_func`).
+Collapsed start for Mixtral: its router (`MixtralTopKRouter`) has no bias, so in the collapsed scenario every
+router is replaced, before anything is attached, by a `MixtralTopKRouter` subclass with a learned bias vector
+(`router_with_bias`: logits `x W^T + b`, then Mixtral's own softmax -> top-2 -> renormalise), `b` zeros but +3 on
+slots 0 and 1: what `router_bias=True` and the +3 give TinyMoELM's routers. It is part of the model in every arm
+(the optimiser trains `b`, as it trains TinyMoELM's; chronomoe's adapter reads it as the router's bias and its
+edits carry it with the router rows). The other weights are the normal scenario's (same seed; the router weights
+are copied into the new routers).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
@@ -40,6 +56,9 @@ from chronomoe_v3.toy.models import TinyMoELM
 
 SCENARIOS = ("normal", "collapsed", "damaged", "under", "over")
 ARMS = ("plain", "aux", "auxfree", "chronomoe", "chronomoe+auxfree", "chronomoe+aux")
+MODELS = ("tiny", "hf-mixtral")
+HF_SCENARIOS = ("normal", "collapsed")  # what the hf-mixtral model supports
+HF_ARMS = ("plain", "auxfree", "chronomoe", "chronomoe+auxfree")
 BASELINE_ARMS = ("plain", "aux", "auxfree")
 AUX_COEF = 0.01
 AUXFREE_RATE = 1e-3
@@ -71,6 +90,7 @@ class Protocol:
     under_active: int = 4
     over_slots: int = 16
     train_fraction: float = 0.9
+    model: str = "tiny"  # "tiny" (TinyMoELM) or "hf-mixtral" (transformers MixtralForCausalLM, same shape)
 
     @classmethod
     def quick(cls) -> Protocol:
@@ -80,6 +100,10 @@ class Protocol:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def matches(self, saved: dict[str, Any]) -> bool:
+        """Whether a record's saved protocol is this one (records from before the `model` field are `tiny`)."""
+        return {"model": "tiny", **saved} == self.to_dict()
 
 
 @dataclass
@@ -115,9 +139,101 @@ def val_batches(val: CharCorpus, windows: int, seq: int, batch: int) -> list[tup
 
 
 # ---------------------------------------------------------------------- model and arms
-def build_model(spec: RunSpec, vocab: int) -> TinyMoELM:
+def check_supported(spec: RunSpec) -> None:
+    """ValueError for a scenario, arm or model this harness cannot run."""
+    if spec.scenario not in SCENARIOS:
+        raise ValueError(f"scenario={spec.scenario!r} is invalid: expected one of {list(SCENARIOS)}")
+    if spec.arm not in ARMS:
+        raise ValueError(f"arm={spec.arm!r} is invalid: expected one of {list(ARMS)}")
+    model = spec.protocol.model
+    if model not in MODELS:
+        raise ValueError(f"model={model!r} is invalid: expected one of {list(MODELS)}")
+    if model == "hf-mixtral" and (spec.scenario not in HF_SCENARIOS or spec.arm not in HF_ARMS):
+        raise ValueError(
+            f"scenario {spec.scenario!r} with arm {spec.arm!r} is not supported with model 'hf-mixtral': it runs the "
+            f"scenarios {list(HF_SCENARIOS)} with the arms {list(HF_ARMS)}"
+        )
+
+
+class HFMixtralLM(torch.nn.Module):
+    """A transformers `MixtralForCausalLM` behind TinyMoELM's interface: `forward(idx) -> logits`, `loss(idx,
+    targets)` (next-token cross-entropy, no router aux loss) and `moe_layers` (the blocks' adapters: `active_mask`,
+    `add_observer`)."""
+
+    def __init__(self, vocab: int, p: Protocol, router_bias: bool) -> None:
+        super().__init__()
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        from chronomoe_v3.integrations.hf import build_fixed_width
+
+        self.d_model, self.d_ff = p.d_model, p.d_ff
+        config = MixtralConfig(
+            vocab_size=vocab, hidden_size=p.d_model, intermediate_size=p.d_ff, num_hidden_layers=p.n_layers,
+            num_attention_heads=p.n_heads, num_key_value_heads=p.n_heads, max_position_embeddings=p.seq,
+            num_local_experts=p.slots, num_experts_per_tok=p.top_k, tie_word_embeddings=False,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        )
+
+        def build(cfg: Any) -> Any:
+            model = MixtralForCausalLM(cfg)
+            if router_bias:
+                for layer in model.model.layers:
+                    layer.mlp.gate = router_with_bias(layer.mlp.gate, cfg)
+            return model
+
+        self.hf = build_fixed_width(build, config, num_slots=p.slots, num_active=p.slots)
+
+    @property
+    def moe_layers(self) -> list[Any]:
+        from chronomoe_v3.adapters import adapter_for
+
+        return [a for m in self.hf.modules() if (a := adapter_for(m)) is not None]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.hf(input_ids=idx).logits
+        return logits
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self(idx)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def router_with_bias(gate: Any, config: Any) -> Any:
+    """A copy of a `MixtralTopKRouter` (same weight) that adds a learned bias to its logits, zeros at init."""
+    new = _router_with_bias_class()(config)
+    with torch.no_grad():
+        new.weight.copy_(gate.weight)
+    return new
+
+
+@lru_cache(maxsize=1)
+def _router_with_bias_class() -> type:
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    class MixtralRouterWithBias(MixtralTopKRouter):  # type: ignore[misc]
+        def __init__(self, cfg: Any) -> None:
+            super().__init__(cfg)
+            self.bias = torch.nn.Parameter(torch.zeros(self.num_experts))
+
+        def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight, self.bias)
+            probs = torch.softmax(logits.float(), dim=-1)
+            top, index = torch.topk(probs, self.top_k, dim=-1)
+            return logits, top / top.sum(dim=-1, keepdim=True), index
+
+    return MixtralRouterWithBias
+
+
+def build_model(spec: RunSpec, vocab: int) -> TinyMoELM | HFMixtralLM:
     p = spec.protocol
     torch.manual_seed(spec.seed)
+    if p.model == "hf-mixtral":
+        hf = HFMixtralLM(vocab, p, router_bias=spec.scenario == "collapsed")
+        if spec.scenario == "collapsed":
+            with torch.no_grad():
+                for layer in hf.hf.model.layers:
+                    layer.mlp.gate.bias[list(COLLAPSE_SLOTS)] = COLLAPSE_BIAS
+        return hf
     slots = p.over_slots if spec.scenario == "over" else p.slots
     model = TinyMoELM(
         vocab, d_model=p.d_model, n_layers=p.n_layers, n_heads=p.n_heads, d_ff=p.d_ff, max_experts=slots,
@@ -133,6 +249,12 @@ def build_model(spec: RunSpec, vocab: int) -> TinyMoELM:
     return model
 
 
+def run_id(spec: RunSpec) -> str:
+    """The name of a chronomoe arm's run directory (the model's name first, but for `tiny`)."""
+    prefix = "" if spec.protocol.model == "tiny" else f"{spec.protocol.model}-"
+    return f"{prefix}{spec.scenario}-{spec.arm}-s{spec.seed}"
+
+
 def chrono_config(spec: RunSpec) -> ChronoConfig:
     """The library's defaults; the only change is the width bound where the model is wider than it."""
     config = ChronoConfig()
@@ -142,7 +264,7 @@ def chrono_config(spec: RunSpec) -> ChronoConfig:
 
 
 @torch.no_grad()
-def evaluate(model: TinyMoELM, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def evaluate(model: TinyMoELM | HFMixtralLM, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Mean validation cross-entropy (nats per character), in eval mode (not observed, not counted)."""
     was = model.training
     model.eval()
@@ -169,9 +291,9 @@ def damage(model: TinyMoELM, slot: int, seed: int) -> None:
 class LoadMeter:
     """Per layer, tokens per slot since the last read (an observer on each layer: training forwards only)."""
 
-    def __init__(self, model: TinyMoELM) -> None:
-        self.layers = model.moe_layers
-        self.counts = [torch.zeros(layer.max_experts) for layer in self.layers]
+    def __init__(self, model: TinyMoELM | HFMixtralLM) -> None:
+        self.layers: list[Any] = list(model.moe_layers)  # ChronoMoELayers, or the HF blocks' adapters
+        self.counts = [torch.zeros(layer.active_mask.numel()) for layer in self.layers]
         self.last = [c.clone() for c in self.counts]
         self.handles = [layer.add_observer(self._make(i)) for i, layer in enumerate(self.layers)]
 
@@ -208,8 +330,10 @@ class LoadMeter:
         return int(c.argmax())
 
 
-def expert_params(model: TinyMoELM) -> int:
+def expert_params(model: TinyMoELM | HFMixtralLM) -> int:
     """Weights of one expert (SwiGLU: gate, up, down)."""
+    if isinstance(model, HFMixtralLM):
+        return 3 * model.d_model * model.d_ff
     layer = model.moe_layers[0]
     return 3 * layer.d_model * layer.d_ff
 
@@ -217,10 +341,7 @@ def expert_params(model: TinyMoELM) -> int:
 # ---------------------------------------------------------------------- one run
 def run(spec: RunSpec) -> dict[str, Any]:
     """Train one (scenario, arm, seed) and return its record (see the module docstring)."""
-    if spec.scenario not in SCENARIOS:
-        raise ValueError(f"scenario={spec.scenario!r} is invalid: expected one of {list(SCENARIOS)}")
-    if spec.arm not in ARMS:
-        raise ValueError(f"arm={spec.arm!r} is invalid: expected one of {list(ARMS)}")
+    check_supported(spec)
     torch.set_num_threads(1)
     p = spec.protocol
     train, val = split(p)
@@ -231,8 +352,10 @@ def run(spec: RunSpec) -> dict[str, Any]:
     balancer = AuxLossFreeBalancer(model, rate=AUXFREE_RATE, optimizer=opt) if "auxfree" in parts else None
     system = None
     if "chronomoe" in parts:
+        if spec.run_dir is not None:  # the sweep owns its run directories: a rerun replaces the old one
+            shutil.rmtree(Path(spec.run_dir) / run_id(spec), ignore_errors=True)
         system = ChronoSystem(
-            model, config=chrono_config(spec), run_id=f"{spec.scenario}-{spec.arm}-s{spec.seed}",
+            model, config=chrono_config(spec), run_id=run_id(spec),
             output_dir=spec.run_dir, seed=spec.seed,
         )
         system.attach_optimizer(opt)
@@ -254,6 +377,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
             break
         if spec.scenario == "damaged" and step == p.damage_step:
             slot = meter.most_used(DAMAGE_LAYER)
+            assert isinstance(model, TinyMoELM)
             damage(model, slot, spec.seed)
             record["damaged_slot"] = slot
         t0 = time.perf_counter()

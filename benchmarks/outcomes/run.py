@@ -3,6 +3,11 @@
     python benchmarks/outcomes/run.py --quick                 # CI smoke test: 1 seed, 300 small steps
     python benchmarks/outcomes/run.py --workers 16            # the full sweep: 5 scenarios x 6 arms x 3 seeds
     python benchmarks/outcomes/run.py --scenarios collapsed --arms plain chronomoe --seeds 0 1 2
+    python benchmarks/outcomes/run.py --model hf-mixtral       # a transformers Mixtral of the same shape
+
+`--model hf-mixtral` runs the scenarios normal and collapsed with the arms plain, auxfree, chronomoe and
+chronomoe+auxfree (harness.py says how its collapsed start is built), into `<out>` =
+`benchmarks/results/outcomes_hf-mixtral[_quick]` by default, records named `hf-mixtral__<scenario>__...`.
 
 Each (scenario, arm, seed) runs in its own process (one thread each) and writes its record to
 `<out>/raw/<scenario>__<arm>__s<seed>.json` as soon as it finishes, so an interrupted sweep loses nothing:
@@ -26,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import ARMS, SCENARIOS, Protocol, RunSpec, run_to_file  # noqa: E402
+from harness import ARMS, HF_ARMS, HF_SCENARIOS, MODELS, SCENARIOS, Protocol, RunSpec, run_to_file  # noqa: E402
 from summarize import markdown, summarize  # noqa: E402
 
 from chronomoe_v3.jsonl import write_json_atomic  # noqa: E402
@@ -43,8 +48,11 @@ except ImportError:  # progress bars are optional
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 300 small steps (< 2 min on 2 cores)")
-    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    p.add_argument("--model", default="tiny", choices=MODELS,
+                   help="tiny (TinyMoELM, default) or hf-mixtral (transformers MixtralForCausalLM, same shape)")
+    p.add_argument("--scenarios", nargs="+", default=None, choices=SCENARIOS,
+                   help="default: all the model supports")
+    p.add_argument("--arms", nargs="+", default=None, choices=ARMS, help="default: all the model supports")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (quick: 0)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 3000, quick 300)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2)), help="parallel processes")
@@ -54,6 +62,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--summarize-only", action="store_true",
                    help="run nothing: summarise the records already in <out>/raw (missing runs are listed)")
     args = p.parse_args(argv)
+    hf = args.model == "hf-mixtral"
+    if args.scenarios is None:
+        args.scenarios = list(HF_SCENARIOS if hf else SCENARIOS)
+    if args.arms is None:
+        args.arms = list(HF_ARMS if hf else ARMS)
+    if hf:
+        bad = [s for s in args.scenarios if s not in HF_SCENARIOS] + [a for a in args.arms if a not in HF_ARMS]
+        if bad:
+            p.error(f"--model hf-mixtral does not support {bad}: it runs the scenarios {list(HF_SCENARIOS)} with "
+                    f"the arms {list(HF_ARMS)}")
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
     if args.workers < 1:
@@ -61,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps={args.steps} must be >= 1")
     if args.out is None:
-        args.out = DEFAULT_OUT.with_name(DEFAULT_OUT.name + "_quick") if args.quick else DEFAULT_OUT
+        name = DEFAULT_OUT.name + ("_hf-mixtral" if hf else "") + ("_quick" if args.quick else "")
+        args.out = DEFAULT_OUT.with_name(name)
     if "damaged" in args.scenarios and "normal" not in args.scenarios:
         print("note: the damaged scenario's recovery is measured against the normal scenario's runs; "
               "without them only its losses are reported", file=sys.stderr)
@@ -69,17 +88,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def protocol_for(args: argparse.Namespace) -> Protocol:
+    from dataclasses import replace
+
     protocol = Protocol.quick() if args.quick else Protocol()
     if args.steps is not None:
         scale = args.steps / protocol.steps
-        from dataclasses import replace
-
         protocol = replace(protocol, steps=args.steps, damage_step=max(1, int(protocol.damage_step * scale)))
-    return protocol
+    return replace(protocol, model=getattr(args, "model", "tiny"))
 
 
-def raw_path(out: Path, scenario: str, arm: str, seed: int) -> Path:
-    return out / "raw" / f"{scenario}__{arm.replace('+', '-')}__s{seed}.json"
+def raw_path(out: Path, scenario: str, arm: str, seed: int, model: str = "tiny") -> Path:
+    prefix = "" if model == "tiny" else f"{model}__"  # tiny keeps the names of the records made before models
+    return out / "raw" / f"{prefix}{scenario}__{arm.replace('+', '-')}__s{seed}.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     for scenario in args.scenarios:
         for arm in args.arms:
             for seed in args.seeds:
-                path = raw_path(out, scenario, arm, seed)
+                path = raw_path(out, scenario, arm, seed, protocol.model)
                 if path.exists() and not args.fresh:
                     try:
-                        if json.loads(path.read_text())["protocol"] == protocol.to_dict():
+                        if protocol.matches(json.loads(path.read_text())["protocol"]):
                             continue
                     except (ValueError, KeyError):
                         pass
@@ -128,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for scenario in args.scenarios:
         for arm in args.arms:
             for seed in args.seeds:
-                path = raw_path(out, scenario, arm, seed)
+                path = raw_path(out, scenario, arm, seed, protocol.model)
                 if path.exists():
                     records.append(json.loads(path.read_text()))
     summary = summarize(records, protocol.to_dict())

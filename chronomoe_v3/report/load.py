@@ -25,6 +25,8 @@ from typing import Any
 
 from ..governance.controller import ControlDecision
 from ..lifecycle.decisions import DecisionRecord
+from ..ops.registry import ENDINGS as REGISTRY_ENDINGS
+from ..ops.registry import ORIGINS as REGISTRY_ORIGINS
 
 MANIFEST_FILE = "run_manifest.json"
 READINGS_FILE = "readings.jsonl"
@@ -38,8 +40,8 @@ SLOT_NUMBER_KEYS = ("phi_fast", "phi_mid", "phi_slow", "beta", "offset", "share"
 SLOT_BOOL_KEYS = ("active", "degrading")
 LAYER_NUMBER_KEYS = ("neff", "top2", "dead", "psi_slow", "lens_scale")
 EXPERT_STATES = ("cooling", "active", "archived")
-ORIGINS = ("initial", "spawn", "split", "restore")
-END_KINDS = ("prune", "merge", "split")
+ORIGINS = REGISTRY_ORIGINS  # what the registry writes, one source
+END_KINDS = REGISTRY_ENDINGS
 
 
 class ReportInputError(ValueError):

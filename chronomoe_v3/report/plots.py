@@ -23,9 +23,14 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 CLOCKS = ("phi_fast", "phi_mid", "phi_slow")
-ACTION_COLOURS = {"split": "tab:blue", "spawn": "tab:green", "prune": "tab:red", "merge": "tab:purple"}
-ORIGIN_COLOURS = {"initial": "tab:gray", "spawn": "tab:green", "split": "tab:blue", "restore": "tab:orange"}
-END_MARKERS = {"prune": "x", "merge": "v", "split": ">"}
+ACTION_COLOURS = {
+    "split": "tab:blue", "spawn": "tab:green", "prune": "tab:red", "merge": "tab:purple", "replace": "tab:orange",
+    "rollback": "tab:gray",
+}
+ORIGIN_COLOURS = {
+    "initial": "tab:gray", "spawn": "tab:green", "split": "tab:blue", "restore": "tab:orange", "replace": "tab:olive",
+}
+END_MARKERS = {"prune": "x", "merge": "v", "split": ">", "replace": "d", "rollback": "s"}
 MAX_LEGEND = 16
 MAX_LABELLED_EDITS = 40
 DPI = 100
@@ -304,7 +309,7 @@ def plot_lineage(run: RunData, path: Path) -> str | None:
         ax.barh(y, max(end - life.born_step, span * 0.004), left=life.born_step, height=0.6, color=colour,
                 alpha=0.45 if life.ended_step is not None else 0.9, edgecolor="black", linewidth=0.4)
         if life.ended_by is not None and life.ended_step is not None:
-            ax.plot(life.ended_step, y, marker=END_MARKERS[life.ended_by], color="black", markersize=6)
+            ax.plot(life.ended_step, y, marker=END_MARKERS.get(life.ended_by, "*"), color="black", markersize=6)
         if life.parent_id is not None and life.parent_id in row:
             ax.plot([life.born_step, life.born_step], [row[life.parent_id], y], color="black", linewidth=0.8,
                     linestyle=":")
