@@ -18,6 +18,7 @@ from .adapters import (
     register_adapter,
 )
 from .bias import SlowBias, slow_bias_update
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .clocks import ClockConfig, DebiasedEMA, ThreeClockEMA
 from .config import (
     BasinConfig,
@@ -31,6 +32,7 @@ from .config import (
     ObjectiveConfig,
     SurgeryConfig,
 )
+from .jsonl import CorruptFileError, FileWriteError
 from .layers import ChronoMoELayer
 from .lifecycle.decisions import DecisionLog, DecisionRecord, load_decisions
 from .lifecycle.objective import EditCandidate, FreeEnergy, free_energy, propose_edits
@@ -66,6 +68,7 @@ __all__ = [
     "BimodalityState",
     "BridgeConfig",
     "BridgeReport",
+    "CheckpointError",
     "ChronoConfig",
     "ChronoLayerAdapter",
     "ChronoMoELayer",
@@ -73,6 +76,7 @@ __all__ = [
     "ClockConfig",
     "CoherenceConfig",
     "CoherenceState",
+    "CorruptFileError",
     "DebiasedEMA",
     "DecisionLog",
     "DecisionRecord",
@@ -84,6 +88,7 @@ __all__ = [
     "ExpertRecord",
     "ExpertRegistry",
     "ExpertStats",
+    "FileWriteError",
     "FreeEnergy",
     "LayerBanks",
     "LayerObserver",
@@ -109,12 +114,14 @@ __all__ = [
     "compute_expert_stats",
     "free_energy",
     "layer_coherence",
+    "load_checkpoint",
     "load_decisions",
     "merge",
     "propose_edits",
     "prune",
     "register_adapter",
     "restore",
+    "save_checkpoint",
     "route_topk",
     "route_with_bias",
     "select_edits",

@@ -97,6 +97,9 @@ def aux_free_bias_update(bias: Tensor, load: Tensor, active_mask: Tensor | None 
     `bias [E]`, `load [E]` (tokens each expert received since the last update; any numeric dtype),
     `active_mask [E]` bool (inactive slots keep their bias; the mean is over active ones). An expert exactly
     at the mean, or a window with no tokens, leaves the bias unchanged. Tensor ops only (no host sync).
+
+    Skip rule: an expert whose load is non-finite (or negative: not a count) is left out of the mean and
+    keeps its bias; an entry whose new bias would be non-finite keeps its old value, so the bias stays finite.
     """
     if bias.dim() != 1:
         raise ValueError(f"bias has shape {tuple(bias.shape)}; expected [E]")
@@ -109,10 +112,15 @@ def aux_free_bias_update(bias: Tensor, load: Tensor, active_mask: Tensor | None 
         )
     check_rate(rate)
     active = torch.ones(e, dtype=torch.bool, device=bias.device) if active_mask is None else active_mask.to(bias.device)
-    lf = load.to(device=bias.device, dtype=torch.float32)
-    mean = torch.where(active, lf, torch.zeros_like(lf)).sum() / active.sum().clamp_min(1).float()
-    step = rate * torch.sign(mean - lf)
-    return torch.where(active, bias.float() + step, bias.float())
+    # fp64 for the comparison with the mean: exact for integer counts up to 2**53, and no fp32 overflow.
+    lf = load.to(device=bias.device, dtype=torch.float64)
+    usable = active & torch.isfinite(lf) & (lf >= 0)
+    lu = torch.where(usable, lf, torch.zeros_like(lf))
+    mean = lu.sum() / usable.sum().clamp_min(1).to(torch.float64)
+    step = rate * torch.sign(mean - lu).to(torch.float32)
+    b = bias.float()
+    new = b + step
+    return torch.where(usable & torch.isfinite(new), new, b)
 
 
 def check_rate(rate: float) -> float:

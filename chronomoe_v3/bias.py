@@ -14,6 +14,7 @@ update.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -76,8 +77,10 @@ def slow_bias_update(
     """One slow-bias step (SPEC 4); returns the new fp32 beta `[E]` and leaves its inputs untouched.
 
     `beta_e <- clip(beta_e + eta * (phi_slow_e - tau), beta_min, beta_max)` for experts that are active and
-    measured (finite `phi_slow`); others keep their beta, so a NaN phi never reaches beta. Then, with
-    `center`, `center_beta` over the active experts (clip first, then a bound-respecting centring).
+    measured (finite `phi_slow`); others keep their beta, so a NaN/Inf phi never reaches beta (skipped for
+    that expert). Then, with `center`, `center_beta` over the active experts (clip first, then a
+    bound-respecting centring). An entry whose result would be non-finite (an incoming non-finite beta
+    with `check_values=False`) keeps its incoming value.
 
     Shapes and dtypes are always checked (free). With `check_values` (default, for direct calls) the
     incoming beta must also be finite: a read of device values, i.e. a host sync, which
@@ -85,6 +88,11 @@ def slow_bias_update(
     """
     e = _check_vector("beta", beta, None)
     _check_vector("phi_slow", phi_slow, e)
+    for name, value in (("eta", eta), ("tau", tau), ("beta_min", beta_min), ("beta_max", beta_max)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} is invalid: expected a finite number")
+    if not beta_min <= 0.0 <= beta_max:
+        raise ValueError(f"[beta_min, beta_max]=[{beta_min}, {beta_max}] is invalid: expected bounds that contain 0")
     if active_mask is not None:
         _check_vector("active_mask", active_mask, e, torch.bool)
     if check_values and not bool(torch.isfinite(beta).all()):
@@ -99,7 +107,7 @@ def slow_bias_update(
     new = torch.where(measured, (b + step).clamp(beta_min, beta_max), b)
     if center:
         new = center_beta(new, active, beta_min, beta_max)
-    return new
+    return torch.where(torch.isfinite(new), new, b)
 
 
 # ---------------------------------------------------------------------- state

@@ -16,13 +16,24 @@ import torch
 from torch import Tensor, nn
 
 
+def fp32(value: float) -> float:
+    """`value` rounded to fp32 (the dtype of every clock buffer), back as a Python float (inf on overflow)."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+# The largest retention that stays below 1 in fp32.
+FP32_MAX_ALPHA = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))
+
+
 @dataclass(frozen=True)
 class ClockConfig:
     """A clock's retention `alpha`, given directly or as a half-life in steps.
 
     `half_life = ln 2 / -ln alpha` exactly (no truncation), so `alpha = 2 ** (-1 / half_life)`.
-    Exactly one of `alpha` / `half_life` must be given; both are validated before any arithmetic. Two
-    clocks are equal when their names and retentions are (the half-life is derived).
+    Exactly one of `alpha` / `half_life` must be given; both are validated before any arithmetic. The clocks
+    run in fp32, so the retention must also lie strictly inside (0, 1) once rounded to fp32 (an `alpha` so
+    close to 1 that it rounds to 1.0, e.g. a half-life beyond ~1e7 steps, would never move). Two clocks are
+    equal when their names and retentions are (the half-life is derived).
     """
 
     name: str
@@ -56,6 +67,12 @@ class ClockConfig:
                 raise ValueError(
                     f"ClockConfig({name!r}): half_life={half_life!r} gives alpha={alpha!r}, outside (0, 1)"
                 )
+        if not 0.0 < fp32(alpha) < 1.0:
+            given = f"alpha={alpha!r}" if self.alpha is not None else f"half_life={half_life!r} (alpha={alpha!r})"
+            raise ValueError(
+                f"ClockConfig({name!r}): {given} rounds to {fp32(alpha)!r} in fp32 (the clocks' dtype): "
+                f"expected 0 < alpha < 1 after rounding (the largest such alpha is {FP32_MAX_ALPHA!r})"
+            )
         object.__setattr__(self, "alpha", float(alpha))
         object.__setattr__(self, "half_life", float(half_life))
 
@@ -76,6 +93,32 @@ class ClockConfig:
         return cls(str(data["name"]), alpha=data["alpha"])
 
 
+def ema_update_applied(
+    value: Tensor, decay: Tensor, x: Tensor, measured: Tensor, alpha: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`ema_update`, also returning the entries it folded in (`applied [E]` bool, a device tensor).
+
+    The skip rule (no host sync): an entry is folded in only when it is measured, its reading `x[e]` is
+    finite (every element of it), and the result is finite at every clock (a finite reading whose fold
+    overflows fp32, or a non-finite retention, is skipped too). A skipped entry keeps its value and decay
+    exactly, so no NaN/Inf ever enters the state.
+    """
+    extra = (1,) * (value.dim() - 2)
+    zero = torch.zeros((), dtype=value.dtype, device=value.device)
+    a = alpha.to(value.dtype).view(-1, 1, *extra)
+    xv = x.to(value.dtype)
+    finite_x = torch.isfinite(xv).reshape(xv.shape[0], -1).all(-1) if xv.dim() > 1 else torch.isfinite(xv)
+    ok = measured & finite_x
+    x_safe = torch.where(ok.view(-1, *extra), xv, zero)
+    cand = a * value + (1.0 - a) * x_safe.unsqueeze(0)
+    cand_decay = decay * alpha.to(decay.dtype).view(-1, 1)
+    fin = torch.isfinite(cand).reshape(cand.shape[0], cand.shape[1], -1).all(-1) & torch.isfinite(cand_decay)
+    ok = ok & fin.all(0)
+    new_value = torch.where(ok.view(1, -1, *extra), cand, value)
+    new_decay = torch.where(ok.unsqueeze(0), cand_decay, decay)
+    return new_value, new_decay, ok
+
+
 def ema_update(
     value: Tensor, decay: Tensor, x: Tensor, measured: Tensor, alpha: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -83,15 +126,10 @@ def ema_update(
 
     value [C, E, *D], decay [C, E] (product of the retentions applied so far), x [E, *D],
     measured [E] bool, alpha [C] retentions. Unmeasured entries are returned unchanged; NaN in an
-    unmeasured `x` never leaks in.
+    unmeasured `x` never leaks in. A measured entry whose reading is non-finite (or whose fold would be) is
+    skipped like an unmeasured one (`ema_update_applied` says which entries were folded in).
     """
-    extra = (1,) * (value.dim() - 2)
-    a = alpha.to(value.dtype).view(-1, 1, *extra)
-    m = measured.view(1, -1, *extra)
-    x_safe = torch.where(measured.view(-1, *extra), x.to(value.dtype), torch.zeros((), dtype=value.dtype,
-                                                                                      device=value.device))
-    new_value = torch.where(m, a * value + (1.0 - a) * x_safe.unsqueeze(0), value)
-    new_decay = torch.where(measured.unsqueeze(0), decay * alpha.to(decay.dtype).view(-1, 1), decay)
+    new_value, new_decay, _ = ema_update_applied(value, decay, x, measured, alpha)
     return new_value, new_decay
 
 
@@ -111,9 +149,17 @@ def ema_debiased(value: Tensor, decay: Tensor) -> Tensor:
 
 def _check_retentions(alphas: Sequence[float]) -> tuple[float, ...]:
     out = tuple(float(a) for a in alphas)
-    if not out or any(not 0.0 < a < 1.0 for a in out):
-        raise ValueError(f"alphas={out!r} is invalid: expected one or more retentions, each in (0, 1)")
+    if not out or any(not (0.0 < a < 1.0 and 0.0 < fp32(a) < 1.0) for a in out):
+        raise ValueError(
+            f"alphas={out!r} is invalid: expected one or more retentions, each in (0, 1) also once rounded to fp32"
+        )
     return out
+
+
+def _check_entry(name: str, index: int, num_entries: int) -> int:
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_entries:
+        raise IndexError(f"{name}={index!r} is out of range: expected an integer in [0, {num_entries})")
+    return index
 
 
 class DebiasedEMA(nn.Module):
@@ -123,7 +169,8 @@ class DebiasedEMA(nn.Module):
     entry). The retentions `alphas [C]` are a constant of the construction (a non-persistent buffer, so a
     checkpoint never overrides them). Only measured entries move; `read()` returns `value / (1 - decay)`:
     a constant signal reads as itself after one observation, also when the retention varies from step to
-    step (`update(..., alphas=...)`). Entries never observed read NaN.
+    step (`update(..., alphas=...)`). Entries never observed read NaN. A non-finite reading is skipped for
+    its entry (never stored): `value` and `decay` are always finite.
     """
 
     value: Tensor
@@ -162,13 +209,25 @@ class DebiasedEMA(nn.Module):
             )
 
     @torch.no_grad()
-    def update(self, x: Tensor, measured: Tensor, alphas: Tensor | None = None) -> None:
-        """Fold `x [E, *D]` into the entries where `measured [E]` is True. `alphas [C]` (device tensor)
-        overrides the retentions for this step, e.g. relevance-modulated ones."""
+    def update(self, x: Tensor, measured: Tensor, alphas: Tensor | None = None) -> Tensor:
+        """Fold `x [E, *D]` into the entries where `measured [E]` is True; returns the entries folded in
+        (`[E]` bool, device). `alphas [C]` (device tensor) overrides the retentions for this step, e.g.
+        relevance-modulated ones: clamped to [0, 1], a non-finite one falls back to the clock's own.
+
+        Skip rule: a measured entry whose reading is non-finite (or whose fold would overflow fp32) is left
+        exactly as it was, like an unmeasured one: the state never holds NaN/Inf. No host sync."""
         self._check(x, measured)
-        value, decay = ema_update(self.value, self.decay, x, measured, self.alphas if alphas is None else alphas)
+        if alphas is None:
+            a = self.alphas
+        else:
+            if tuple(alphas.shape) != tuple(self.alphas.shape):
+                raise ValueError(f"alphas has shape {tuple(alphas.shape)}; expected {tuple(self.alphas.shape)}")
+            a = alphas.to(self.alphas)
+            a = torch.where(torch.isfinite(a), a.clamp(0.0, 1.0), self.alphas)
+        value, decay, applied = ema_update_applied(self.value, self.decay, x, measured.to(self.decay.device), a)
         self.value.copy_(value)
         self.decay.copy_(decay)
+        return applied
 
     def read(self) -> Tensor:
         """Debiased readings `[C, E, *D]`; NaN where never observed."""
@@ -183,7 +242,9 @@ class DebiasedEMA(nn.Module):
 
     @torch.no_grad()
     def copy_entry(self, src: int, dst: int) -> None:
-        """Give entry `dst` the history of entry `src`."""
+        """Give entry `dst` the history of entry `src` (IndexError for an index outside [0, E))."""
+        _check_entry("src", src, self.num_entries)
+        _check_entry("dst", dst, self.num_entries)
         self.value[:, dst] = self.value[:, src]
         self.decay[:, dst] = self.decay[:, src]
 
@@ -205,17 +266,25 @@ class ThreeClockEMA(DebiasedEMA):
         if len(retentions) != 3:
             raise ValueError(f"alphas={retentions!r} is invalid: expected three retentions (fast, mid, slow)")
         for a in retentions:
-            if not 0.0 < a < 1.0:
-                raise ValueError(f"alphas={retentions!r} is invalid: expected each retention in (0, 1)")
+            if not (0.0 < a < 1.0 and 0.0 < fp32(a) < 1.0):
+                raise ValueError(
+                    f"alphas={retentions!r} is invalid: expected each retention in (0, 1), also once rounded to fp32"
+                )
         if not retentions[0] < retentions[1] < retentions[2]:
             raise ValueError(f"alphas={retentions!r} is invalid: expected fast < mid < slow")
+        if not fp32(retentions[0]) < fp32(retentions[1]) < fp32(retentions[2]):
+            raise ValueError(
+                f"alphas={retentions!r} is invalid: expected fast < mid < slow also once rounded to fp32 (got "
+                f"{tuple(fp32(a) for a in retentions)!r})"
+            )
         super().__init__(num_entries, retentions, trailing_shape, device)
         self.register_buffer("count", torch.zeros(num_entries, dtype=torch.int64, device=device))
 
     @torch.no_grad()
-    def update(self, x: Tensor, measured: Tensor, alphas: Tensor | None = None) -> None:
-        super().update(x, measured, alphas)
-        self.count.add_(measured.to(self.count.dtype))
+    def update(self, x: Tensor, measured: Tensor, alphas: Tensor | None = None) -> Tensor:
+        applied = super().update(x, measured, alphas)
+        self.count.add_(applied.to(self.count.dtype))  # a skipped (non-finite) reading is not an observation
+        return applied
 
     @torch.no_grad()
     def reset_entries(self, entries: Tensor) -> None:

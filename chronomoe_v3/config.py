@@ -9,6 +9,12 @@ Vary a config with `dataclasses.replace` at either level (`replace(c, lifecycle=
 ...))`). Errors name the field (dotted, e.g. `lifecycle.cooldown_steps`) and the allowed range. Configs are
 plain values: `to_dict()` / `from_dict()` round-trip through JSON, and `diff(other)` lists the dotted fields
 that differ (what `ChronoSystem.load_state_dict` reports when a checkpoint was saved under another config).
+
+Numeric limits, so that no valid config overflows silently: every real field is finite in fp32 (|x| <=
+FP32_MAX); every integer field fits int64; clock retentions lie in (0, 1) also once rounded to fp32;
+logit-scale fields (`bias.beta_min/beta_max`, `mid.max_offset`, `lifecycle.split_router_margin`) are within
++-LOGIT_LIMIT (1e4); `lifecycle.perturbation_scale` <= PERTURBATION_LIMIT (1e3); `bimodality.samples_per_expert`
+<= 2**16 and `basins.vocab_limit` <= 2**31 - 2 (sizes of tensors they allocate).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .clocks import ClockConfig
+import torch
+
+from .clocks import ClockConfig, fp32
 
 ESTIMATORS = ("loo", "full")
 SPAWN_STRATEGIES = ("clone_and_perturb", "random")
@@ -32,23 +40,40 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is invalid: expected one of {list(allowed)}")
 
 
+# Numeric limits (docs/reliability.md, "Numbers and state"). Every real field is used in fp32 tensor math, so
+# it must be finite in fp32; every integer field may meet an int64 tensor (observation counts, steps).
+FP32_MAX = float(torch.finfo(torch.float32).max)
+INT64_MAX = int(torch.iinfo(torch.int64).max)
+# Logit-scale fields (beta bounds, the mid clock's offset bound, the split router margin): beyond this a softmax
+# is saturated anyway, and sums over experts of such values stay exact enough in fp32.
+LOGIT_LIMIT = 1e4
+# Relative noise of spawn / split / replace: a perturbation 1000x the weights' own RMS is no longer a perturbation.
+PERTURBATION_LIMIT = 1e3
+# Sizes of per-step tensors the config allocates: samples drawn per expert, token-basin columns.
+MAX_SAMPLES_PER_EXPERT = 2**16
+MAX_VOCAB_LIMIT = 2**31 - 2
+
+
 def _check_number(name: str, value: float, low: float | None = None, high: float | None = None,
                   low_open: bool = False, high_open: bool = False) -> None:
+    """A finite real in the interval (open or closed ends), and always within the finite fp32 range."""
+    lo_v = -FP32_MAX if low is None else max(low, -FP32_MAX)
+    hi_v = FP32_MAX if high is None else min(high, FP32_MAX)
+    lo_open = low_open and low is not None and low >= -FP32_MAX
+    hi_open = high_open and high is not None and high <= FP32_MAX
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
+    if ok:
+        ok = value > lo_v if lo_open else value >= lo_v
+    if ok:
+        ok = value < hi_v if hi_open else value <= hi_v
     if not ok:
-        lo = "-inf" if low is None else f"{low}"
-        hi = "inf" if high is None else f"{high}"
-        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        interval = f"{'(' if lo_open else '['}{lo_v}, {hi_v}{')' if hi_open else ']'}"
         raise ValueError(f"{name}={value!r} is invalid: expected a finite number in {interval}")
 
 
-def _check_int(name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {low}")
+def _check_int(name: str, value: int, low: int, high: int = INT64_MAX) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is invalid: expected an integer in [{low}, {high}]")
 
 
 def _check_bool(name: str, value: bool) -> None:
@@ -80,6 +105,13 @@ class CoherenceConfig:
             raise ValueError(
                 "clock retentions must satisfy coherence.fast < coherence.mid < coherence.slow; got "
                 f"{self.fast.retention}, {self.mid.retention}, {self.slow.retention}"
+            )
+        rounded = [fp32(c.retention) for c in (self.fast, self.mid, self.slow)]
+        if not rounded[0] < rounded[1] < rounded[2]:
+            raise ValueError(
+                "clock retentions must satisfy coherence.fast < coherence.mid < coherence.slow also in fp32 (the "
+                f"clocks' dtype); got {self.fast.retention}, {self.mid.retention}, {self.slow.retention}, which "
+                f"round to {rounded[0]}, {rounded[1]}, {rounded[2]}"
             )
 
     @property
@@ -129,8 +161,8 @@ class BiasConfig:
     def __post_init__(self) -> None:
         _check_number("bias.eta", self.eta, 0.0)
         _check_number("bias.tau", self.tau, -1.0, 1.0)
-        _check_number("bias.beta_min", self.beta_min)
-        _check_number("bias.beta_max", self.beta_max)
+        _check_number("bias.beta_min", self.beta_min, -LOGIT_LIMIT, LOGIT_LIMIT)
+        _check_number("bias.beta_max", self.beta_max, -LOGIT_LIMIT, LOGIT_LIMIT)
         _check_bool("bias.center", self.center)
         _check_choice("bias.mode", self.mode, BIAS_MODES)
         if not self.beta_min < self.beta_max:
@@ -173,7 +205,7 @@ class MidClockConfig:
 
     def __post_init__(self) -> None:
         _check_number("mid.gain", self.gain, 0.0)
-        _check_number("mid.max_offset", self.max_offset, 0.0)
+        _check_number("mid.max_offset", self.max_offset, 0.0, LOGIT_LIMIT)
         _check_number("mid.neff_fraction", self.neff_fraction, 0.0, 1.0, low_open=True)
 
 
@@ -191,7 +223,7 @@ class BimodalityConfig:
 
     def __post_init__(self) -> None:
         _check_clock("bimodality.centroid", self.centroid)
-        _check_int("bimodality.samples_per_expert", self.samples_per_expert, 1)
+        _check_int("bimodality.samples_per_expert", self.samples_per_expert, 1, MAX_SAMPLES_PER_EXPERT)
         _check_number("bimodality.seed_cosine", self.seed_cosine, -1.0, 1.0, high_open=True)
         _check_number("bimodality.reseed_balance", self.reseed_balance, 0.0, 1.0, high_open=True)
 
@@ -283,8 +315,8 @@ class LifecycleConfig:
         _check_int("lifecycle.min_experts_per_layer", self.min_experts_per_layer, 1)
         _check_int("lifecycle.max_experts_per_layer", self.max_experts_per_layer, 1)
         _check_choice("lifecycle.spawn_strategy", self.spawn_strategy, SPAWN_STRATEGIES)
-        _check_number("lifecycle.perturbation_scale", self.perturbation_scale, 0.0)
-        _check_number("lifecycle.split_router_margin", self.split_router_margin, 0.0)
+        _check_number("lifecycle.perturbation_scale", self.perturbation_scale, 0.0, PERTURBATION_LIMIT)
+        _check_number("lifecycle.split_router_margin", self.split_router_margin, 0.0, LOGIT_LIMIT)
         _check_int("lifecycle.archive_capacity", self.archive_capacity, 0)
         if self.min_experts_per_layer > self.max_experts_per_layer:
             raise ValueError(
@@ -316,7 +348,7 @@ class BasinConfig:
 
     def __post_init__(self) -> None:
         _check_int("basins.history", self.history, 1)
-        _check_int("basins.vocab_limit", self.vocab_limit, 1)
+        _check_int("basins.vocab_limit", self.vocab_limit, 1, MAX_VOCAB_LIMIT)
         _check_number("basins.token_decay", self.token_decay, 0.0, 1.0)
 
 
@@ -401,7 +433,12 @@ def _section_from_dict(name: str, cls: type, data: Any) -> Any:
     kwargs = {}
     for key, value in data.items():
         default = getattr(cls(), key)
-        kwargs[key] = ClockConfig.from_dict(value) if isinstance(default, ClockConfig) else value
+        if isinstance(default, ClockConfig):
+            try:
+                value = ClockConfig.from_dict(value)
+            except ValueError as exc:
+                raise ValueError(f"{name}.{key}: {exc}") from None
+        kwargs[key] = value
     return cls(**kwargs)
 
 

@@ -230,6 +230,37 @@ class ChronoMoELayer(nn.Module):
         position = torch.empty_like(flat).scatter_(0, order, rank_sorted)
         return (position.float() < capacity).view(k, t).t()
 
+    def _check_input(self, x: Tensor, token_mask: Tensor | None, router_bias: Tensor | None) -> None:
+        """Metadata checks of a forward's arguments (free: no device value is read), so that a malformed call
+        fails here, naming the argument, not deep inside torch."""
+        if not isinstance(x, Tensor):
+            raise ValueError(f"input is a {type(x).__name__}; expected a torch.Tensor [..., d_model]")
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(f"input has shape {tuple(x.shape)}; expected [..., d_model={self.d_model}]")
+        if not x.is_floating_point():
+            raise ValueError(f"input has dtype {x.dtype}; expected a floating dtype")
+        weight = self.router.weight
+        if x.device != weight.device:
+            raise ValueError(f"input is on {x.device}; expected the layer's device ({weight.device})")
+        if (
+            x.dtype != weight.dtype
+            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            raise ValueError(
+                f"input has dtype {x.dtype}; expected the layer's dtype {weight.dtype} (or run under torch.autocast)"
+            )
+        if token_mask is not None and not isinstance(token_mask, Tensor):
+            raise ValueError(f"token_mask is a {type(token_mask).__name__}; expected a bool tensor or None")
+        if router_bias is not None:
+            if not isinstance(router_bias, Tensor) or not router_bias.is_floating_point():
+                got = router_bias.dtype if isinstance(router_bias, Tensor) else type(router_bias).__name__
+                raise ValueError(f"router_bias is {got}; expected a floating tensor ({self.max_experts},) or None")
+            if router_bias.device != weight.device:
+                raise ValueError(
+                    f"router_bias is on {router_bias.device}; expected the layer's device ({weight.device})"
+                )
+
     def forward(
         self,
         x: Tensor,
@@ -239,8 +270,7 @@ class ChronoMoELayer(nn.Module):
         """`x [..., H]` -> same shape. `token_mask [...]` (True = real token) excludes padding from the
         statistics (padding is still routed, as in most MoE models). `router_bias [E]` is added to the
         router logits in fp32 (`bias_mode` decides whether it moves gate weights too)."""
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"input has last dimension {x.shape[-1]}; expected d_model={self.d_model}")
+        self._check_input(x, token_mask, router_bias)
         lead = x.shape[:-1]
         hidden = x.reshape(-1, self.d_model)
         t = hidden.shape[0]

@@ -146,10 +146,11 @@ def bridge_report(
     routing: Routing, token_mask: Tensor | None = None, selection_bias: Tensor | None = None
 ) -> BridgeReport:
     """The bridge detector for one routing (its masked clean and biased logits). `token_mask [T]` bool
-    (True = real token) excludes padding from the means; with no real token, relevance and jaccard_mean
-    read 1 (no evidence of bridging). `selection_bias [E]`: the balancer bias the routing selected with
-    (`route_topk(selection_bias=...)`); the clean top-k it is compared with then includes it too, so the
-    Jaccard index measures beta's effect on the choice alone."""
+    (True = real token) excludes padding from the means; tokens whose routing is non-finite (a NaN/Inf
+    input) are left out the same way (skipped, never averaged in), so relevance is always finite; with no
+    real, finite token, relevance and jaccard_mean read 1 (no evidence of bridging). `selection_bias [E]`:
+    the balancer bias the routing selected with (`route_topk(selection_bias=...)`); the clean top-k it is
+    compared with then includes it too, so the Jaccard index measures beta's effect on the choice alone."""
     z_clean, z_biased = routing.logits_clean, routing.logits_biased
     t, k = routing.topk_index.shape
     if token_mask is not None:
@@ -171,15 +172,19 @@ def bridge_report(
     topk_clean = torch.topk(clean_scores, k, dim=-1).indices
     inter = (topk_clean.unsqueeze(2) == routing.topk_index.unsqueeze(1)).any(-1).sum(-1).float()
     jaccard = inter / (2 * k - inter)
-    if token_mask is None:
-        weights = torch.full((t,), 1.0 / t, device=per_token.device)
-    else:
-        real = token_mask.to(per_token.dtype)
-        weights = real / real.sum().clamp_min(1.0)
+    # Skip rule: a token whose routing is non-finite (NaN/Inf input or logits) is no evidence either way: it
+    # is left out of both means, as padding is. With no usable token, relevance and jaccard_mean read 1.
+    usable = torch.isfinite(per_token) & torch.isfinite(jaccard)
+    if token_mask is not None:
+        usable = usable & token_mask
+    real = usable.to(per_token.dtype)
+    weights = real / real.sum().clamp_min(1.0)
+    per_token_safe = torch.where(usable, per_token, torch.ones_like(per_token))
+    jaccard_safe = torch.where(usable, jaccard, torch.ones_like(jaccard))
     empty = weights.sum() <= 0
     one = torch.ones((), dtype=per_token.dtype, device=per_token.device)
-    relevance = torch.where(empty, one, (weights * per_token).sum().clamp(0.0, 1.0))
-    jaccard_mean = torch.where(empty, one, (weights * jaccard).sum())
+    relevance = torch.where(empty, one, (weights * per_token_safe).sum().clamp(0.0, 1.0))
+    jaccard_mean = torch.where(empty, one, (weights * jaccard_safe).sum())
     return BridgeReport(
         support=support,
         overlap_only=overlap_only,

@@ -26,6 +26,19 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _check_tensors(**tensors: object) -> None:
+    for name, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name} is a {type(value).__name__}; expected a torch.Tensor")
+
+
+def _check_index(name: str, idx: Tensor) -> None:
+    if idx.dim() != 2:
+        raise ValueError(f"{name} has shape {_shape(idx)}; expected [T, K]")
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"{name} has dtype {idx.dtype}; expected an integer dtype")
+
+
 @dataclass
 class MoETrace:
     """One layer's routing and unweighted expert outputs for one forward pass."""
@@ -56,8 +69,14 @@ class MoETrace:
         return int(self.expert_out.shape[-1])
 
     def kept_slots(self) -> Tensor:
-        """[T,K] bool: slots whose output was computed and whose token is not padding."""
-        keep = torch.ones_like(self.topk_index, dtype=torch.bool) if self.slot_mask is None else self.slot_mask
+        """[T,K] bool: slots whose output was computed and whose token is not padding.
+
+        Skip rule: a slot whose expert id is outside [0, num_experts) (possible only in a trace built without
+        value checks) is not kept, so no statistic ever indexes out of range (no host sync)."""
+        idx = self.topk_index
+        keep = (idx >= 0) & (idx < self.num_experts)
+        if self.slot_mask is not None:
+            keep = keep & self.slot_mask
         if self.token_mask is not None:
             keep = keep & self.token_mask.unsqueeze(1)
         return keep
@@ -68,11 +87,14 @@ class MoETrace:
         per-step observe path, where an all-padding batch simply measures nothing)."""
         if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts={self.num_experts!r} is invalid: expected an integer >= 1")
+        _check_tensors(topk_index=self.topk_index, topk_weight=self.topk_weight, expert_out=self.expert_out)
+        for name in ("slot_mask", "token_mask", "mixture", "router_logits_clean", "router_logits_biased",
+                     "router_input"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_tensors(**{name: value})
         idx, w, y = self.topk_index, self.topk_weight, self.expert_out
-        if idx.dim() != 2:
-            raise ValueError(f"topk_index has shape {_shape(idx)}; expected [T, K]")
-        if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise ValueError(f"topk_index has dtype {idx.dtype}; expected an integer dtype")
+        _check_index("topk_index", idx)
         t, k = idx.shape
         if t == 0:
             raise ValueError("empty batch: the trace has T=0 tokens; expected at least one token")
@@ -110,6 +132,18 @@ class MoETrace:
                 raise ValueError(f"{name} has shape {_shape(z)}; expected {(t, self.num_experts)}")
         if self.router_input is not None and (self.router_input.dim() != 2 or self.router_input.shape[0] != t):
             raise ValueError(f"router_input has shape {_shape(self.router_input)}; expected [{t}, H_r]")
+        for name in ("mixture", "router_logits_clean", "router_logits_biased", "router_input"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not value.is_floating_point():
+                raise ValueError(f"{name} has dtype {value.dtype}; expected a floating dtype")
+            if value.device != idx.device:
+                raise ValueError(f"{name} is on {value.device}; expected the device of topk_index ({idx.device})")
+        for name in ("slot_mask", "token_mask"):
+            value = getattr(self, name)
+            if value is not None and value.device != idx.device:
+                raise ValueError(f"{name} is on {value.device}; expected the device of topk_index ({idx.device})")
         if check_values:
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.num_experts:
@@ -140,6 +174,7 @@ class MoETrace:
         """From per-slot unweighted outputs: `expert_out [T,K,H]` or `[T*K,H]` (one row per token and slot,
         slot-major within a token, as a transformers 5.x fused-experts call returns after the
         repeat-interleave pre-hook)."""
+        _check_tensors(topk_index=topk_index, topk_weight=topk_weight, expert_out=expert_out)
         if expert_out.dim() == 2 and topk_index.dim() == 2:
             t, k = topk_index.shape
             if expert_out.shape[0] != t * k:
@@ -178,6 +213,7 @@ class MoETrace:
 
         The per-expert lists are concatenated once; slot positions are recovered with tensor ops.
         """
+        _check_tensors(topk_index=topk_index, topk_weight=topk_weight)
         if len(token_indices) != len(outputs):
             raise ValueError(
                 f"token_indices has {len(token_indices)} entries and outputs {len(outputs)}; expected one "
@@ -186,16 +222,35 @@ class MoETrace:
         num_experts = len(outputs)
         if num_experts == 0:
             raise ValueError("from_expert_loop got no experts; expected one (token_indices, outputs) per expert")
-        if topk_index.dim() != 2:
-            raise ValueError(f"topk_index has shape {_shape(topk_index)}; expected [T, K]")
+        _check_index("topk_index", topk_index)
         for e, (ti, out) in enumerate(zip(token_indices, outputs, strict=True)):
+            if not isinstance(ti, Tensor) or not isinstance(out, Tensor):
+                raise ValueError(
+                    f"expert {e}: token_indices and outputs are {type(ti).__name__} and {type(out).__name__}; "
+                    "expected tensors"
+                )
             if ti.dim() != 1 or out.dim() != 2 or out.shape[0] != ti.shape[0]:
                 raise ValueError(
                     f"expert {e}: token_indices has shape {_shape(ti)} and outputs {_shape(out)}; expected "
                     "[n_e] and [n_e, H]"
                 )
+            if ti.is_floating_point() or ti.is_complex() or ti.dtype == torch.bool:
+                raise ValueError(f"expert {e}: token_indices has dtype {ti.dtype}; expected an integer dtype")
+            if not out.is_floating_point():
+                raise ValueError(f"expert {e}: outputs has dtype {out.dtype}; expected a floating dtype")
         t, k = topk_index.shape
+        if t == 0:
+            raise ValueError("empty batch: topk_index has T=0 tokens; expected at least one token")
         h = outputs[0].shape[1]
+        for e, out in enumerate(outputs):
+            if out.shape[1] != h:
+                raise ValueError(f"expert {e}: outputs has width {out.shape[1]}; expected H={h} (expert 0's width)")
+            if out.dtype != outputs[0].dtype:
+                raise ValueError(f"expert {e}: outputs has dtype {out.dtype}; expected {outputs[0].dtype} (expert 0's)")
+            if out.device != topk_index.device:
+                raise ValueError(
+                    f"expert {e}: outputs is on {out.device}; expected the device of topk_index ({topk_index.device})"
+                )
         device = topk_index.device
         tok = torch.cat([ti.to(device=device, dtype=torch.long) for ti in token_indices])
         rows = torch.cat(list(outputs))
@@ -237,7 +292,10 @@ class MoETrace:
     ) -> MoETrace:
         """From a Switch/GShard-style dispatch: `dispatch_mask [T,E,C]` (token t sits in buffer slot c of
         expert e) and `expert_out [E,C,H]` (unweighted). A chosen (token, expert) pair absent from the
-        dispatch was dropped by capacity. Gather-only: no host sync."""
+        dispatch was dropped by capacity. Gather-only: no host sync (with `check_values=False`, a pair whose
+        expert id is out of range is treated as dropped instead of being checked)."""
+        _check_tensors(topk_index=topk_index, topk_weight=topk_weight, dispatch_mask=dispatch_mask,
+                       expert_out=expert_out)
         if dispatch_mask.dim() != 3 or expert_out.dim() != 3:
             raise ValueError(
                 f"dispatch_mask has shape {_shape(dispatch_mask)} and expert_out {_shape(expert_out)}; "
@@ -246,17 +304,32 @@ class MoETrace:
         t, e, c = dispatch_mask.shape
         if _shape(expert_out)[:2] != (e, c):
             raise ValueError(f"expert_out has shape {_shape(expert_out)}; expected [{e}, {c}, H]")
-        if topk_index.dim() != 2 or topk_index.shape[0] != t:
-            raise ValueError(f"topk_index has shape {_shape(topk_index)}; expected [{t}, K]")
+        _check_index("topk_index", topk_index)
+        if topk_index.shape[0] != t:
+            raise ValueError(f"topk_index has shape {_shape(topk_index)}; expected [{t}, K] (T of dispatch_mask)")
+        if t == 0 or topk_index.shape[1] == 0 or e == 0 or c == 0:
+            raise ValueError(
+                f"dispatch_mask has shape {_shape(dispatch_mask)} and topk_index {_shape(topk_index)}; expected "
+                "T >= 1 tokens, K >= 1 slots, E >= 1 experts and C >= 1 buffer slots"
+            )
+        if dispatch_mask.is_complex():
+            raise ValueError(f"dispatch_mask has dtype {dispatch_mask.dtype}; expected a bool (or 0/1) mask")
+        for name, value in (("topk_index", topk_index), ("dispatch_mask", dispatch_mask)):
+            if value.device != expert_out.device:
+                raise ValueError(
+                    f"{name} is on {value.device}; expected the device of expert_out ({expert_out.device})"
+                )
         idx = topk_index.to(torch.long)
         if check_values and (int(idx.min()) < 0 or int(idx.max()) >= e):
             raise ValueError(f"topk_index holds ids in [{int(idx.min())}, {int(idx.max())}]; expected [0, {e - 1}]")
+        in_range = (idx >= 0) & (idx < e)
+        safe = torch.where(in_range, idx, torch.zeros_like(idx))  # gathers stay in bounds; dropped below
         k = idx.shape[1]
         tok = torch.arange(t, device=idx.device).unsqueeze(1).expand(t, k)
-        rows = dispatch_mask.bool()[tok, idx]  # [T, K, C]
-        kept = rows.any(-1)
+        rows = dispatch_mask.bool()[tok, safe]  # [T, K, C]
+        kept = rows.any(-1) & in_range
         pos = rows.to(torch.int8).argmax(-1)
-        out = expert_out[idx, pos]  # [T, K, H]
+        out = expert_out[safe, pos]  # [T, K, H]
         out = torch.where(kept.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device))
         return cls(
             topk_index=topk_index,

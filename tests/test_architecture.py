@@ -3,7 +3,7 @@ across modules, and every import in the documented direction.
 
 Direction, from the top: system -> {runlog, report, toy, integrations} -> lifecycle -> ops -> adapters
 -> {observe, layers} -> trace -> {routing, bias, balance, telemetry, governance}
--> {config, clocks, view, jsonl, grouped, version}.
+-> {config, clocks, view, jsonl, checkpoint, grouped, version}.
 A room may import its own rooms and anything below it; never above. Also never: ops -> observe (the weights
 side does not know the fast clock) and anything -> system (only the package root re-exports it).
 """
@@ -26,7 +26,7 @@ RANK = {
     "observe": 4, "layers": 4,
     "trace": 3,
     "routing": 2, "bias": 2, "balance": 2, "telemetry": 2, "governance": 2,
-    "config": 1, "clocks": 1, "view": 1, "jsonl": 1, "grouped": 1, "version": 1,
+    "config": 1, "clocks": 1, "view": 1, "jsonl": 1, "checkpoint": 1, "grouped": 1, "version": 1,
 }
 FORBIDDEN = {("ops", "observe"), ("observe", "ops"), ("observe", "lifecycle"), ("ops", "lifecycle")}
 

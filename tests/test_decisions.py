@@ -154,14 +154,19 @@ def test_torn_last_line_is_tolerated(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="torn"):
         assert [r.step for r in load_decisions(path)] == [1, 2]
     with pytest.warns(UserWarning, match="torn"):
-        reopened = DecisionLog(path)  # drops the torn tail so the next line starts cleanly
+        reopened = DecisionLog(path)  # closes the torn tail with a newline so the next line starts cleanly
     reopened.append(split_record(4))
-    assert [r.step for r in load_decisions(path)] == [1, 2, 4]
+    with pytest.warns(UserWarning, match=r":3: not valid JSON"):  # the torn line stays, skipped
+        assert [r.step for r in load_decisions(path)] == [1, 2, 4]
     lines = path.read_text().splitlines()
     lines.insert(1, "{not json")
     path.write_text("\n".join(lines) + "\n")
+    skipped: list[str] = []
+    with pytest.warns(UserWarning, match=r":2: not valid JSON"):
+        assert [r.step for r in load_decisions(path, skipped=skipped)] == [1, 2, 4]
+    assert len(skipped) == 2 and ":2: not valid JSON" in skipped[0] and ":4: not valid JSON" in skipped[1]
     with pytest.raises(ValueError, match=r":2: not valid JSON"):
-        load_decisions(path)
+        load_decisions(path, strict=True)
 
 
 def test_records_are_validated() -> None:

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from chronomoe_v3.jsonl import CorruptFileError
 from chronomoe_v3.telemetry import (
     AlertHistory,
     RoutingEvent,
@@ -65,29 +66,36 @@ def test_torn_last_line_loses_only_that_line(tmp_path):
         assert load_routing_events(path) == evs
 
 
-def test_torn_line_in_the_middle_is_an_error_naming_file_and_line(tmp_path):
-    write_run(tmp_path)
+def test_torn_line_in_the_middle_is_skipped_and_named(tmp_path):
+    _, _, snaps = write_run(tmp_path)
     path = tmp_path / "run" / "snapshots.jsonl"
     lines = path.read_text().splitlines()
     lines[1] = lines[1][:20]
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"snapshots\.jsonl:2: not valid JSON"):
-        load_snapshots(path)
+    skipped: list[str] = []
+    with pytest.warns(UserWarning, match=r"snapshots\.jsonl:2: not valid JSON"):
+        assert load_snapshots(path, skipped=skipped) == [snaps[0], snaps[2]]  # the lines around it are kept
+    assert len(skipped) == 1 and "snapshots.jsonl:2: not valid JSON" in skipped[0]
+    with pytest.raises(CorruptFileError, match=r"snapshots\.jsonl:2: not valid JSON") as info:
+        load_snapshots(path, strict=True)
+    assert info.value.path == path and info.value.line == 2 and isinstance(info.value, ValueError)
 
 
 def test_invalid_record_names_file_and_line(tmp_path):
-    write_run(tmp_path)
+    _, evs, _ = write_run(tmp_path)
     path = tmp_path / "run" / "routing_events.jsonl"
     lines = path.read_text().splitlines()
     bad = json.loads(lines[0])
     bad["mode"] = "EVAL"
     lines[0] = json.dumps(bad)
     path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"routing_events\.jsonl:1: invalid record: mode must be one of"):
+        assert load_routing_events(path) == evs[1:]
     with pytest.raises(ValueError, match=r"routing_events\.jsonl:1: invalid record: mode must be one of"):
-        load_routing_events(path)
+        load_routing_events(path, strict=True)
 
 
-def test_writer_drops_torn_tail_before_appending(tmp_path):
+def test_writer_keeps_torn_tail_as_its_own_line_before_appending(tmp_path):
     _, evs, _ = write_run(tmp_path, 1)
     path = tmp_path / "run" / "routing_events.jsonl"
     with open(path, "a") as f:
@@ -96,7 +104,8 @@ def test_writer_drops_torn_tail_before_appending(tmp_path):
         writer = TelemetryWriter("run", tmp_path)
     new = events(5)
     writer.write_events(new)
-    assert load_routing_events(path) == evs + new
+    with pytest.warns(UserWarning, match=r"routing_events\.jsonl:3: not valid JSON"):
+        assert load_routing_events(path) == evs + new
 
 
 def test_writer_rejects_path_like_run_id(tmp_path):

@@ -15,8 +15,10 @@ delta_F, reason}], trigger, reason?}`.
 - The four components are the weighted terms of the predicted delta_F (they sum to it); a do_nothing
   record predicts F_after == F_before.
 
-Lines are written with one `write` each and flushed, so a crash tears at most the last line; the loader
-drops a torn last line with a warning (shared with the telemetry files).
+Lines are appended with unbuffered writes (in the OS once `append` returns), so a crash tears at most the
+last line; reopening a log closes an unterminated last line with a newline (a complete record is kept, a
+torn one stays a line of its own) and the loader skips, lists and warns about every unreadable line, keeping
+the rest (shared with the telemetry files: `jsonl.py`, docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..jsonl import drop_torn_tail, load_jsonl
+from ..jsonl import append_lines, load_jsonl, terminate_last_line
 
 RECORD_ACTIONS = ("prune", "merge", "split", "spawn", "replace", "rollback", "do_nothing")
 EDIT_ACTIONS = ("prune", "merge", "split", "spawn", "replace")
@@ -276,27 +278,33 @@ class DecisionRecord:
 class DecisionLog:
     """Decision records kept in memory and, when `path` is given, appended to a JSONL file.
 
-    Each record is one line, written with one `write` and flushed. Opening an existing file drops a torn
-    last line (warning) so that new lines start cleanly; earlier lines are kept.
+    Each record is one line, appended with unbuffered writes (`jsonl.append_lines`; `fsync=True` also makes
+    each line durable against a power loss, at the cost of one fsync per record). Opening an existing file
+    closes an unterminated last line with a newline (warning) so that new lines start cleanly; nothing already
+    in the file is removed.
+
+    Memory and disk agree: a record joins `records` only once its line is in the file. A failed write raises
+    `jsonl.FileWriteError` (an OSError naming the file) and leaves both `records` and the file as they were.
     """
 
-    def __init__(self, path: PathLike | None = None) -> None:
+    def __init__(self, path: PathLike | None = None, *, fsync: bool = False) -> None:
         self.path = None if path is None else Path(path)
+        self.fsync = bool(fsync)
         self.records: list[DecisionRecord] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            drop_torn_tail(self.path)
+            terminate_last_line(self.path)
             self.path.touch()  # an empty log says "no decision yet"; a missing one says "not logged"
 
     def append(self, record: DecisionRecord) -> None:
+        """Write `record`'s line (when the log has a file), then keep it in `records`. Raises ValueError for
+        something other than a DecisionRecord and `FileWriteError` when the line cannot be written."""
         if not isinstance(record, DecisionRecord):
             raise ValueError(f"DecisionLog.append got {type(record).__name__}; expected a DecisionRecord")
-        line = record.to_json() + "\n"
-        self.records.append(record)
+        line = record.to_json()
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line)
-                f.flush()
+            append_lines(self.path, [line], fsync=self.fsync)
+        self.records.append(record)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -305,7 +313,9 @@ class DecisionLog:
         return iter(self.records)
 
 
-def load_decisions(path: PathLike) -> list[DecisionRecord]:
-    """Records of a decision log file; a torn last line is dropped with a warning, any other invalid line
-    raises ValueError naming the file and line."""
-    return load_jsonl(Path(path), DecisionRecord.from_dict)
+def load_decisions(path: PathLike, *, strict: bool = False, skipped: list[str] | None = None) -> list[DecisionRecord]:
+    """Records of a decision log file, in file order. An unreadable line (torn, not UTF-8, not JSON, nested too
+    deeply, not a valid record) is skipped with a note in `skipped` (when given) and a warning; everything
+    else is kept. With `strict=True` an unreadable line other than a torn last one raises
+    `jsonl.CorruptFileError` (a ValueError) naming the file and line (`jsonl.load_jsonl`)."""
+    return load_jsonl(Path(path), DecisionRecord.from_dict, strict=strict, skipped=skipped)

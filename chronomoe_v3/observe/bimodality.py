@@ -210,10 +210,14 @@ class BimodalityState(nn.Module):
                 f"valid has shape {tuple(valid.shape)} and dtype {valid.dtype}; "
                 f"expected {tuple(samples.shape[:2])} bool"
             )
-        x = _unit(samples.float())
-        valid = valid & (samples.float().norm(dim=-1) > 0)
+        # Skip rule: a sample that is non-finite, zero, or whose norm overflows fp32 is not valid (never
+        # folded in); its row of `x` is zeroed so that no NaN reaches the sums below (0 * NaN = NaN).
+        raw_f = samples.float()
+        norm = raw_f.norm(dim=-1)
+        valid = valid & torch.isfinite(raw_f).all(-1) & torch.isfinite(norm) & (norm > 0)
         if active_mask is not None:
             valid = valid & active_mask.to(valid.device).view(e, 1)
+        x = torch.where(valid.unsqueeze(-1), _unit(raw_f), torch.zeros((), device=raw_f.device))
         measured = valid.any(1)
         num_valid = valid.sum(1).clamp_min(1)
 
@@ -254,6 +258,8 @@ class BimodalityState(nn.Module):
         self.centroid.copy_(_unit(moved.view(2, e, h)) * seeded.unsqueeze(-1))
         frac = a.sum(2) / num_valid.to(a.dtype).unsqueeze(0)
         self.count.copy_(torch.where(measured.unsqueeze(0), alpha * count + frac, count))
+        # what follows is optional and skips non-finite inputs entry by entry (`ema_update`): `gate`, `load`,
+        # `reference` or `router_input` holding NaN/Inf leave those readings of the expert untouched
         self.seeded.copy_(seeded)
 
         self.centroid_phi_ema.reset_entries(reseed.view(-1))
@@ -262,12 +268,13 @@ class BimodalityState(nn.Module):
             ref = torch.nan_to_num(reference.to(self.centroid.device, torch.float32)).unsqueeze(0).expand(2, e, h)
             if gate is not None and load is not None:
                 g = torch.where(valid, gate.to(x.device, torch.float32), torch.zeros((), device=x.device))
-                raw = torch.where(valid.unsqueeze(-1), samples.float(), torch.zeros((), device=x.device))
+                raw = torch.where(valid.unsqueeze(-1), raw_f, torch.zeros((), device=x.device))
                 role_sum = torch.einsum("jes,esh->jeh", a, raw * g.unsqueeze(-1))  # [2, E, H]
                 per_sample = load.to(x.device, torch.float32) / num_valid.to(torch.float32)
                 ref = ref + per_sample.view(1, e, 1) * role_sum.flip(0)  # child j's reference: + sibling's part
             finite = torch.isfinite(reference.to(ref.device)).all(-1).unsqueeze(0)
-            ref_ok = finite & (ref.norm(dim=-1) > 0) & measured.unsqueeze(0)
+            ref_norm = ref.norm(dim=-1)
+            ref_ok = finite & torch.isfinite(ref_norm) & (ref_norm > 0) & measured.unsqueeze(0)
             ref_cos = (self.centroid * _unit(ref)).sum(-1)  # [2, E]
             phi_ok = (seeded & ref_ok).view(-1)
             self.centroid_phi_ema.update(ref_cos.reshape(-1), phi_ok)
@@ -286,6 +293,12 @@ class BimodalityState(nn.Module):
             self.router_mean_ema.update(mean.reshape(2 * e, -1), won.reshape(-1))
 
     # ------------------------------------------------------------------ slot management
+    def _check_slots(self, **slots: int) -> None:
+        e = self.num_experts
+        for name, index in slots.items():
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < e:
+                raise IndexError(f"{name}={index!r} is out of range: expected a slot in [0, {e})")
+
     @torch.no_grad()
     def reset_experts(self, experts: Tensor) -> None:
         """Forget the detector state of slots (bool `[E]`), e.g. a slot reused by spawn."""
@@ -299,8 +312,9 @@ class BimodalityState(nn.Module):
 
     @torch.no_grad()
     def copy_expert(self, src: int, dst: int) -> None:
-        """Give slot `dst` the detector state of slot `src`."""
+        """Give slot `dst` the detector state of slot `src` (IndexError for a slot outside [0, E))."""
         e = self.num_experts
+        self._check_slots(src=src, dst=dst)
         self.centroid[:, dst] = self.centroid[:, src]
         self.seeded[:, dst] = self.seeded[:, src]
         self.count[:, dst] = self.count[:, src]
@@ -311,8 +325,10 @@ class BimodalityState(nn.Module):
     @torch.no_grad()
     def split_expert(self, parent: int, child_a: int, child_b: int) -> None:
         """Hand a split parent's two roles to its children: child A starts with c1 (and n1), child B with c2
-        (and n2), each as its own first centroid with no second one. `parent` may equal a child's slot."""
+        (and n2), each as its own first centroid with no second one. `parent` may equal a child's slot.
+        IndexError for a slot outside [0, E), before anything changes."""
         e = self.num_experts
+        self._check_slots(parent=parent, child_a=child_a, child_b=child_b)
         c = self.centroid[:, parent].clone()
         n = self.count[:, parent].clone()
         s = self.seeded[:, parent].clone()

@@ -145,6 +145,12 @@ class CoherenceState(nn.Module):
         `active_mask [E]` restricts updates to active slots. `relevance` (device scalar in [0, 1], from the
         bridge detector) lowers the fast and mid retentions towards their floors:
         `alpha_eff = alpha * r + alpha_floor * (1 - r)`; the slow clock is fixed.
+
+        Skip rules (no host sync; the state never holds NaN/Inf): an expert whose statistics are non-finite
+        is unmeasured this step (counted in `nonfinite_skips`); a non-finite reading of any clock is not
+        folded in for that expert (`DebiasedEMA.update`); a non-finite `relevance` reads as 1 (no evidence
+        of bridging: the clocks run at their own retentions) and a finite one is clamped to [0, 1]; a step
+        whose token counts are non-finite records no shares.
         """
         if stats.num_experts != self.num_experts or stats.sum_out.shape[-1] != self.hidden_size:
             raise ValueError(
@@ -157,14 +163,15 @@ class CoherenceState(nn.Module):
         measured = measured & active
         alphas = None
         if relevance is not None:
-            r = relevance.to(self.phi.alphas.dtype).clamp(0.0, 1.0)
+            r = relevance.to(device=self.phi.alphas.device, dtype=self.phi.alphas.dtype).reshape(())
+            r = torch.where(torch.isfinite(r), r.clamp(0.0, 1.0), torch.ones_like(r))
             alphas = self.phi.alphas * r + self.alpha_floor * (1.0 - r)
             alphas = torch.cat([alphas[:2], self.phi.alphas[2:]])
         self.phi.update(phi, measured, alphas)
         # Shares: every active expert gets a reading (0 when it saw no token) on steps that routed tokens.
         total = stats.counts.sum()
         share = stats.counts / total.clamp_min(1.0)
-        self.share.update(share, active & (total > 0))
+        self.share.update(share, active & (total > 0) & torch.isfinite(total))
         unit = stats.sum_out / stats.sum_out.norm(dim=-1, keepdim=True).clamp_min(_ABS_ZERO)
         role = self.role.read()[0]
         known = measured & torch.isfinite(role).all(dim=-1)
@@ -191,7 +198,12 @@ class CoherenceState(nn.Module):
 
     @torch.no_grad()
     def copy_expert(self, src: int, dst: int) -> None:
-        """Give slot `dst` the record of slot `src` (split children inherit their parent's history)."""
+        """Give slot `dst` the record of slot `src` (split children inherit their parent's history). Both
+        must be slot indices in [0, E) (IndexError otherwise, before anything is copied: a negative index
+        would silently address the last slots)."""
+        for name, index in (("src", src), ("dst", dst)):
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.num_experts:
+                raise IndexError(f"{name}={index!r} is out of range: expected a slot in [0, {self.num_experts})")
         self.phi.copy_entry(src, dst)
         self.share.copy_entry(src, dst)
         self.role.copy_entry(src, dst)

@@ -8,6 +8,17 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def check_basin_reading(share: float, phi: float) -> tuple[float, float]:
+    """One basin reading as floats, or ValueError: `share` finite and >= 0, `phi` a cosine in [-1, 1] or NaN
+    (unmeasured)."""
+    share, phi = float(share), float(phi)
+    if not (math.isfinite(share) and share >= 0.0):
+        raise ValueError(f"share={share!r} is invalid: expected a finite value >= 0")
+    if not (math.isnan(phi) or -1.0 - 1e-6 <= phi <= 1.0 + 1e-6):
+        raise ValueError(f"phi={phi!r} is invalid: expected a cosine in [-1, 1] or NaN (unmeasured)")
+    return share, phi
+
+
 class BasinHistory:
     """The last `window` slow-clock readings of one expert: share, phi (NaN = unmeasured), and the ids of
     the experts it was most co-activated with. Memory is bounded by `window`; oldest readings fall off."""
@@ -24,11 +35,7 @@ class BasinHistory:
         return len(self._share)
 
     def record(self, share: float, phi: float, coactive: Sequence[str] = ()) -> None:
-        share, phi = float(share), float(phi)
-        if not (math.isfinite(share) and share >= 0.0):
-            raise ValueError(f"share={share!r} is invalid: expected a finite value >= 0")
-        if not (math.isnan(phi) or -1.0 - 1e-6 <= phi <= 1.0 + 1e-6):
-            raise ValueError(f"phi={phi!r} is invalid: expected a cosine in [-1, 1] or NaN (unmeasured)")
+        share, phi = check_basin_reading(share, phi)
         self._share.append(share)
         self._phi.append(phi)
         self._coactive.append([str(c) for c in coactive])
@@ -59,6 +66,11 @@ class BasinHistory:
                 f"saved basin has {len(share)} shares, {len(phi)} phis, {len(coactive)} co-activation lists; "
                 f"expected equal lengths <= {window}"
             )
+        for i, (sv, pv) in enumerate(zip(share, phi, strict=True)):
+            try:
+                check_basin_reading(sv, pv)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"saved basin reading {i}: {exc}") from None
         self._share = deque((float(v) for v in share), maxlen=window)
         self._phi = deque((float(v) for v in phi), maxlen=window)
         self._coactive = deque(([str(c) for c in row] for row in coactive), maxlen=window)

@@ -154,14 +154,32 @@ def weighted_average(a: Mapping[str, Tensor], b: Mapping[str, Tensor], wa: float
 
 
 def normalise_usage(usage: tuple[float, float]) -> tuple[float, float]:
-    """Token shares -> convex weights; (0, 0) means equal weights."""
+    """Token shares -> convex weights; (0, 0) means equal weights. Scaled by the larger weight first, so huge
+    finite usages (whose sum overflows) and tiny ones (whose sum underflows) still give weights summing to 1."""
     if len(usage) != 2:
         raise EditError(f"usage={usage!r} is invalid: expected two weights (survivor, absorbed)")
     ws, wa = (float(u) for u in usage)
     if not (math.isfinite(ws) and math.isfinite(wa) and ws >= 0 and wa >= 0):
         raise EditError(f"usage={usage!r} is invalid: expected two finite weights >= 0")
+    top = max(ws, wa)
+    if top == 0:
+        return (0.5, 0.5)
+    ws, wa = ws / top, wa / top
     total = ws + wa
-    return (0.5, 0.5) if total == 0 else (ws / total, wa / total)
+    return (ws / total, wa / total)
+
+
+def check_finite_weights(what: str, parked: Mapping[str, Mapping[str, Tensor]]) -> None:
+    """Refuse (EditError, before anything is written) weights that hold NaN/Inf: an edit must never write
+    non-finite weights (e.g. a perturbation or a router margin large enough to overflow the weights' dtype).
+    Reads device values (a host sync): edits are host-side."""
+    for part, tensors in parked.items():
+        for name, value in tensors.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise EditError(
+                    f"{what}: the new {part}.{name} would hold non-finite values (overflow of "
+                    f"{value.dtype}?); refused, nothing was changed"
+                )
 
 
 # ---------------------------------------------------------------------- shared effects

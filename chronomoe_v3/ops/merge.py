@@ -10,6 +10,7 @@ from ..adapters import LayerBanks
 from .common import (
     check_can_remove,
     check_edit,
+    check_finite_weights,
     clear_slot,
     fill_slot,
     finish,
@@ -60,6 +61,10 @@ def merge(
         merged_router["bias"] = joint.to(b_s.dtype)
         shift = float(joint - b_s.to(dtype))
     merged = {"experts": weighted_average(experts_s, experts_a, ws, wa), "router": merged_router}
+    if not math.isfinite(shift):
+        raise EditError(f"merge of slots {survivor} and {absorbed} (layer {layer}): the logit shift {shift!r} is "
+                        "not finite; refused, nothing was changed")
+    check_finite_weights(f"merge of slots {survivor} and {absorbed} (layer {layer})", merged)
 
     fill_slot(banks, survivor, merged)
     clear_slot(banks, absorbed)

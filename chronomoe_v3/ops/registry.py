@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..config import ChronoConfig
-from .basin import BasinHistory
+from .basin import BasinHistory, check_basin_reading
 from .record import EditError
 
 EXPERT_STATES = ("cooling", "active", "archived")
@@ -74,6 +74,14 @@ class ExpertRecord:
         state = str(data["state"])
         if state not in EXPERT_STATES:
             raise ValueError(f"saved expert state {state!r} is invalid: expected one of {list(EXPERT_STATES)}")
+        eid = data.get("expert_id")
+        for key in ("layer", "slot", "born_step"):
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"saved expert {eid!r} {key}={value!r} is invalid: expected an integer >= 0")
+        ended = data["ended_step"]
+        if ended is not None and (isinstance(ended, bool) or not isinstance(ended, int) or ended < 0):
+            raise ValueError(f"saved expert {eid!r} ended_step={ended!r} is invalid: expected None or an integer >= 0")
         return cls(
             expert_id=str(data["expert_id"]), layer=int(data["layer"]), slot=int(data["slot"]), state=state,
             born_step=int(data["born_step"]), origin=str(data["origin"]),
@@ -276,6 +284,16 @@ class ExpertRegistry:
         shares, phis = share.detach().float().cpu().tolist(), phi.detach().float().cpu().tolist()
         partners = coactive.detach().cpu().tolist() if coactive is not None else [[] for _ in range(e)]
         ids = self._slots[layer]
+        # Validate every live expert's reading first: one bad value must not leave a partial update.
+        for slot, eid in enumerate(ids):
+            if eid is None:
+                continue
+            try:
+                check_basin_reading(shares[slot], phis[slot])
+            except ValueError as exc:
+                raise ValueError(
+                    f"record_basin: layer {layer} slot {slot} ({eid}): {exc}; nothing was recorded"
+                ) from None
         for slot, eid in enumerate(ids):
             if eid is not None:
                 names = [ids[p] for p in partners[slot] if 0 <= p < e and p != slot and ids[p] is not None]
@@ -295,6 +313,10 @@ class ExpertRegistry:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()`. Validated first (ValueError naming the entry and the value); on error nothing
+        changes: slot counts, every slot naming a live expert recorded in that layer and slot, live experts per
+        layer within [min_experts_per_layer, max_live], non-negative steps and generations, finite basins and
+        finite parked weights."""
         if int(state.get("format", -1)) != 1:
             raise ValueError(f"registry state format {state.get('format')!r} is unsupported: expected 1")
         slots = [[str(eid) if eid else None for eid in layer] for layer in state["slots"]]
@@ -306,11 +328,43 @@ class ExpertRegistry:
             for slot, eid in enumerate(ids):
                 if eid is not None and (eid not in experts or not experts[eid].is_live):
                     raise ValueError(f"saved slot {slot} of layer {layer} names {eid!r}: expected a live expert")
+                if eid is not None and (experts[eid].layer, experts[eid].slot) != (layer, slot):
+                    r = experts[eid]
+                    raise ValueError(
+                        f"saved slot {slot} of layer {layer} names {eid!r}, whose record says layer {r.layer} slot "
+                        f"{r.slot}: expected them to agree"
+                    )
+            live, low = sum(eid is not None for eid in ids), self.config.lifecycle.min_experts_per_layer
+            high = min(self.config.lifecycle.max_experts_per_layer, len(ids))
+            if not low <= live <= high:
+                raise ValueError(
+                    f"saved registry layer {layer} has {live} live experts; expected between min_experts_per_layer="
+                    f"{low} and {high} (max_experts_per_layer={self.config.lifecycle.max_experts_per_layer}, "
+                    f"{len(ids)} slots)"
+                )
+        generation = [[int(g) for g in layer] for layer in state["generation"]]
+        if [len(g) for g in generation] != shape or any(g < 0 for layer in generation for g in layer):
+            raise ValueError(
+                f"saved registry generation {generation!r} is invalid: expected non-negative integers, "
+                f"{shape} per layer"
+            )
+        live_ids = {eid for layer in slots for eid in layer if eid is not None}
+        for eid, record in experts.items():
+            if record.state in LIVE_STATES and eid not in live_ids:
+                raise ValueError(f"saved expert {eid!r} is {record.state} but no slot holds it: expected archived")
         archive = {
             str(eid): {str(part): dict(tensors) for part, tensors in parked.items()}
             for eid, parked in state["archive"].items()
         }
+        for eid, parked in archive.items():
+            for part, tensors in parked.items():
+                for name, value in tensors.items():
+                    where = f"saved archive {eid!r} {part}.{name}"
+                    if not isinstance(value, Tensor):
+                        raise ValueError(f"{where} is {type(value).__name__}; expected a tensor")
+                    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"{where} holds non-finite values; expected finite weights")
         self._slots = slots
-        self._generation = [[int(g) for g in layer] for layer in state["generation"]]
+        self._generation = generation
         self._experts = experts
         self._archive = archive

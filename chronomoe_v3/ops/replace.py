@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..adapters import LayerBanks
-from .common import check_edit, check_scale, fill_slot, finish, read_parked, relative_noise
+from .common import check_edit, check_finite_weights, check_scale, fill_slot, finish, read_parked, relative_noise
 from .record import EditError, EditRecord
 from .registry import ExpertRegistry
 from .surgery import OptimizerSurgery
@@ -42,7 +42,9 @@ def replace(
     experts = banks.experts.read(source)
     for name, delta in relative_noise(experts, scale, generator).items():
         experts[name] += delta
-    fill_slot(banks, slot, {"experts": experts, "router": parked["router"]})
+    new = {"experts": experts, "router": parked["router"]}
+    check_finite_weights(f"replace of slot {slot} (layer {layer}) by slot {source}", new)
+    fill_slot(banks, slot, new)
     registry.retire(layer, slot, step, ended_by="replace", parked=parked)
     born = registry.birth(layer, slot, step, origin="replace", parent_id=donor.expert_id)
     record = EditRecord(

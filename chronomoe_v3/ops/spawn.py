@@ -9,6 +9,7 @@ from ..config import SPAWN_STRATEGIES
 from .common import (
     check_can_add,
     check_edit,
+    check_finite_weights,
     check_scale,
     choose_free_slot,
     fill_slot,
@@ -71,7 +72,9 @@ def spawn(
             assert banks.router.bias is not None
             router["bias"] = banks.router.bias.detach()[live].mean()
 
-    fill_slot(banks, target, {"experts": experts, "router": router})
+    new = {"experts": experts, "router": router}
+    check_finite_weights(f"spawn into slot {target} (layer {layer})", new)
+    fill_slot(banks, target, new)
     born = registry.birth(layer, target, step, origin="spawn", parent_id=parent_id)
     record = EditRecord(
         kind="spawn", layer=layer, step=step, born_ids=(born.expert_id,), parent_id=parent_id, fresh_slots=(target,)

@@ -8,6 +8,7 @@ from ..adapters import LayerBanks
 from .common import (
     check_can_add,
     check_edit,
+    check_finite_weights,
     check_scale,
     choose_free_slot,
     fill_slot,
@@ -89,9 +90,12 @@ def split(
         router_b["weight"] = router["weight"] + offset_b
     if banks.router.has_bias:
         router_a["bias"] = router_b["bias"] = router["bias"] + shift
+    new_a, new_b = {"experts": child_a, "router": router_a}, {"experts": child_b, "router": router_b}
+    check_finite_weights(f"split of slot {slot} (layer {layer}), child A", new_a)
+    check_finite_weights(f"split of slot {slot} (layer {layer}), child B", new_b)
 
-    fill_slot(banks, slot, {"experts": child_a, "router": router_a})
-    fill_slot(banks, target, {"experts": child_b, "router": router_b})
+    fill_slot(banks, slot, new_a)
+    fill_slot(banks, target, new_b)
     registry.retire(layer, slot, step, ended_by="split", parked={"experts": weights, "router": router})
     a = registry.birth(layer, slot, step, origin="split", parent_id=parent.expert_id)
     b = registry.birth(layer, target, step, origin="split", parent_id=parent.expert_id)

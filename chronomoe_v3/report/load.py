@@ -16,7 +16,6 @@ Choices where the spec leaves room:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..governance.controller import ControlDecision
+from ..jsonl import describe_error, parse_json_bytes
 from ..lifecycle.decisions import DecisionRecord
 from ..ops.registry import ENDINGS as REGISTRY_ENDINGS
 from ..ops.registry import ORIGINS as REGISTRY_ORIGINS
@@ -248,14 +248,6 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _error_text(err: BaseException) -> str:
-    if isinstance(err, RecursionError):
-        return "nested too deeply"
-    if isinstance(err, json.JSONDecodeError):
-        return f"{err.msg} at column {err.colno}"
-    return str(err) or type(err).__name__
-
-
 # ---------------------------------------------------------------------------------------------------------
 # reading files
 
@@ -272,16 +264,10 @@ def _read_bytes(path: Path, skipped: list[str], missing_note: str = "missing") -
     return None
 
 
-def _decode(raw: bytes) -> str:
-    """UTF-8 text of `raw`; raises _Bad naming the first byte that is not UTF-8."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise _Bad(f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
-
-
 def _json_lines(path: Path, skipped: list[str], missing_note: str = "missing") -> Iterator[tuple[int, Any]]:
-    """`(line number, parsed JSON value)` for each readable line of a JSONL file; a note for every other line."""
+    """`(line number, parsed JSON value)` for each readable line of a JSONL file; a note for every other line.
+    Each line is decoded and parsed on its own (`jsonl.parse_json_bytes`: depth-limited, never a
+    RecursionError), so one bad line never hides the lines around it."""
     data = _read_bytes(path, skipped, missing_note)
     if data is None:
         return
@@ -292,15 +278,13 @@ def _json_lines(path: Path, skipped: list[str], missing_note: str = "missing") -
             continue
         unterminated = index == len(lines) - 1  # no newline after it: a crash may have torn it
         try:
-            value = json.loads(_decode(raw))
-        except (ValueError, RecursionError) as err:
-            why = _error_text(err) if not isinstance(err, _Bad) else str(err)
+            value = parse_json_bytes(raw)
+        except ValueError as err:
+            why = describe_error(err)
             if unterminated:
                 skipped.append(f"{path.name} line {lineno}: torn last line (no newline; {why})")
-            elif isinstance(err, _Bad):
-                skipped.append(f"{path.name} line {lineno}: {why}")
             else:
-                skipped.append(f"{path.name} line {lineno}: not valid JSON ({why})")
+                skipped.append(f"{path.name} line {lineno}: {why}")
             continue
         yield lineno, value
 
@@ -311,12 +295,9 @@ def _json_file(path: Path, skipped: list[str], missing_note: str = "missing") ->
     if data is None:
         return None
     try:
-        value = json.loads(_decode(data))
-    except _Bad as err:
-        skipped.append(f"{path.name}: {err}")
-        return None
-    except (ValueError, RecursionError) as err:
-        skipped.append(f"{path.name}: not valid JSON ({_error_text(err)})")
+        value = parse_json_bytes(data)
+    except ValueError as err:
+        skipped.append(f"{path.name}: {describe_error(err)}")
         return None
     if not isinstance(value, dict):
         skipped.append(f"{path.name}: the file holds {_kind(value)}; expected a JSON object")

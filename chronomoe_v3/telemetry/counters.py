@@ -84,13 +84,14 @@ class TokenCounter:
         With ``active_masks`` (``[n_layers, n_slots]`` bool, or one ``[n_slots]`` mask per layer) an
         event's ``n_experts`` is the layer's active width and ``expert_token_counts[i]`` is the count of
         the ``i``-th active slot in ascending slot order, i.e. slot ``active_mask.nonzero()[i]``.
+
+        All events are built (every count validated) before anything is consumed: when a count is refused
+        (ValueError, e.g. a negative count) the accumulated counts are left untouched, even with ``reset``.
         """
         check_mode(mode)
         masks = self._stack_masks(active_masks)
         payload = self.counts if masks is None else torch.cat([self.counts, masks.to(self.counts)], dim=0)
         host = payload.to("cpu", copy=True)  # a copy even on CPU, so reset cannot clear it
-        if reset:
-            self.counts.zero_()
         counts = host[: self.n_layers]
         host_masks = host[self.n_layers :].bool() if masks is not None else None
         now = time.time()
@@ -104,6 +105,10 @@ class TokenCounter:
                     run_id, step, mode, layer_id, row, int(row.numel()), top_k, timestamp=now
                 )
             )
+        # Validate first, then consume: every event was built (so every count was accepted) before the buffer is
+        # cleared; a refused count raises above and leaves the accumulated counts as they were.
+        if reset:
+            self.counts.zero_()
         return events
 
     def state_dict(self) -> dict[str, Any]:
