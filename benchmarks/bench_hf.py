@@ -3,14 +3,18 @@ attached, (b) an `AuxLossFreeBalancer` (on the blocks' chronomoe state: the rout
 (c) a `ChronoSystem` (its `step()` every 50 training steps, amortised), timed side by side in one run.
 
     python benchmarks/bench_hf.py                  # about a minute on a 2-core CPU; --threads N, --blocks N, --block N
+    python benchmarks/bench_hf.py --device cuda    # a Mixtral-8x7B-shaped layer in bf16 on a GPU
 
 A training step is forward + backward + AdamW step of `MixtralForCausalLM` (2 layers, hidden 64, 4 heads,
 intermediate 128, 8 experts, top-2; the outcome benchmark's hf-mixtral shape) on a batch of 8 x 128 token ids,
-next-token loss. The three models are built from the same seed. After a warm-up, each arm runs blocks of `--block`
+next-token loss. With `--device cuda` the model is one Mixtral-8x7B-shaped decoder layer (hidden 4096, 32 heads, 8 KV
+heads, intermediate 14336, 8 experts, top-2, vocabulary 1024) in bf16 on a batch of 4 x 2048 tokens; the loss is read
+back once per block, not per step, and the device is synchronised at block edges.
+The three models are built from the same seed. After a warm-up, each arm runs blocks of `--block`
 training steps in turn (a, b, c, a, b, c, ...) so that drifts of a shared machine hit all three alike; the ChronoSystem
 arm calls `system.step(loss=...)` once per block, inside the timed block, and that call is also timed on its own.
 Reported: the median over blocks of the time per training step, and each arm's ratio to (a).
-Writes benchmarks/results/hf_overhead_cpu.json and .md.
+Writes benchmarks/results/hf_overhead_<device>.json and .md.
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ from chronomoe_v3.balance import AuxLossFreeBalancer
 from chronomoe_v3.system import find_moe_layers
 
 ARMS = ("nothing", "auxfree", "chronomoe")
-SHAPE = dict(vocab=96, hidden=64, heads=4, intermediate=128, layers=2, experts=8, top_k=2, batch=8, seq=128)
+SHAPES = {
+    "cpu": dict(vocab=96, hidden=64, heads=4, kv_heads=4, intermediate=128, layers=2, experts=8, top_k=2, batch=8,
+                seq=128),
+    "cuda": dict(vocab=1024, hidden=4096, heads=32, kv_heads=8, intermediate=14336, layers=1, experts=8, top_k=2,
+                 batch=4, seq=2048),
+}
+SHAPE = dict(SHAPES["cpu"])
+DEVICE = torch.device("cpu")
 
 
 def build(seed: int) -> Any:
@@ -42,12 +53,14 @@ def build(seed: int) -> Any:
 
     config = MixtralConfig(
         vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"],
-        num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["heads"],
+        num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["kv_heads"],
         max_position_embeddings=SHAPE["seq"], num_local_experts=SHAPE["experts"], num_experts_per_tok=SHAPE["top_k"],
         bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = MixtralForCausalLM(config)
+    if DEVICE.type == "cuda":
+        model = model.to(device=DEVICE, dtype=torch.bfloat16)
     model.train()
     return model
 
@@ -69,7 +82,7 @@ class Arm:
         if name == "chronomoe":
             self.system = ChronoSystem(self.model)
             self.system.attach_optimizer(self.opt)
-        self.losses: list[float] = []
+        self.losses: list[torch.Tensor] = []
         self.step_ms: list[float] = []  # system.step() alone
 
     def train_step(self) -> None:
@@ -80,29 +93,37 @@ class Arm:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        self.losses.append(float(loss.detach()))
+        self.losses.append(loss.detach())  # read back once per block (no per-step host sync on a GPU)
 
     def end_of_block(self, block: int) -> None:
         if self.system is None:
             return
         t0 = time.perf_counter()
-        self.system.step(loss=sum(self.losses[-block:]) / len(self.losses[-block:]))
+        self.system.step(loss=float(torch.stack(self.losses[-block:]).float().mean()))
         self.step_ms.append((time.perf_counter() - t0) * 1e3)
 
 
 def timed_block(arm: Arm, steps: int) -> float:
     """Milliseconds per training step over one block (the block's system.step() included)."""
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         arm.train_step()
     arm.end_of_block(steps)
+    sync()
     return (time.perf_counter() - t0) * 1e3 / steps
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def run(blocks: int, block: int, warmup: int, seed: int,
         progress: Callable[[str], None] = print) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
-    batches = [torch.randint(0, SHAPE["vocab"], (SHAPE["batch"], SHAPE["seq"] + 1), generator=g) for _ in range(16)]
+    batches = [torch.randint(0, SHAPE["vocab"], (SHAPE["batch"], SHAPE["seq"] + 1), generator=g).to(DEVICE)
+               for _ in range(16)]
     arms = [Arm(name, batches, seed) for name in ARMS]
     for arm in arms:
         for _ in range(warmup):
@@ -126,7 +147,7 @@ def run(blocks: int, block: int, warmup: int, seed: int,
         },
         "system_step_ms": statistics.median(chrono.step_ms) if chrono.step_ms else None,
         "system_step_ms_amortised": (statistics.median(chrono.step_ms) / block) if chrono.step_ms else None,
-        "final_loss": {a.name: a.losses[-1] for a in arms},
+        "final_loss": {a.name: float(a.losses[-1]) for a in arms},
     }
 
 
@@ -135,10 +156,10 @@ def markdown(meta: dict[str, Any], results: dict[str, Any]) -> str:
     label = {"nothing": "(a) nothing attached", "auxfree": "(b) AuxLossFreeBalancer",
              "chronomoe": f"(c) ChronoSystem, step() every {meta['block']} steps"}
     lines = [
-        "# chronomoe on a Hugging Face Mixtral: training-step cost (cpu)",
+        f"# chronomoe on a Hugging Face Mixtral: training-step cost ({meta['device']})",
         "",
-        f"transformers {meta['transformers']}, torch {meta['torch']}, {meta['threads']} thread(s), {meta['cpu']}; "
-        f"`MixtralForCausalLM` with {SHAPE['layers']} layers, hidden {SHAPE['hidden']}, intermediate "
+        f"transformers {meta['transformers']}, torch {meta['torch']}, {meta['hardware']}, {meta['dtype']}; "
+        f"`MixtralForCausalLM` with {SHAPE['layers']} layer(s), hidden {SHAPE['hidden']}, intermediate "
         f"{SHAPE['intermediate']}, {SHAPE['experts']} experts, top-{SHAPE['top_k']}; batch {SHAPE['batch']} x "
         f"{SHAPE['seq']} tokens; forward + backward + AdamW step. Median over {meta['blocks']} blocks of "
         f"{meta['block']} steps per arm, arms interleaved, after {meta['warmup']} warm-up steps. "
@@ -165,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: tiny matmuls, and 2 threads on a busy 2-core machine stall)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (tiny Mixtral) or cuda (a Mixtral-8x7B-shaped layer, bf16)")
     p.add_argument("--note", default="", help="a line added to the .md (e.g. what else ran on the machine)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
@@ -173,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name}={getattr(args, name)} must be >= 1")
     if args.threads < 1:
         p.error(f"--threads={args.threads} must be >= 1")
+    global DEVICE, SHAPE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type not in SHAPES:
+        p.error(f"--device={args.device!r}: expected cpu or cuda")
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    SHAPE = dict(SHAPES[DEVICE.type])
     torch.set_num_threads(args.threads)
     import transformers
 
@@ -182,14 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "transformers": transformers.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+        "device": DEVICE.type, "dtype": "bf16" if DEVICE.type == "cuda" else "fp32",
+        "hardware": (torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda"
+                     else f"{torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}"),
         "blocks": args.blocks, "block": args.block, "warmup": args.warmup, "seed": args.seed, "shape": SHAPE,
         "command": shlex.join(["python", "benchmarks/bench_hf.py", *(argv if argv is not None else sys.argv[1:])]),
         "seconds": time.perf_counter() - started, "note": args.note,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "hf_overhead_cpu.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    (args.out / f"hf_overhead_{DEVICE.type}.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     md = markdown(meta, results)
-    (args.out / "hf_overhead_cpu.md").write_text(md + "\n")
+    (args.out / f"hf_overhead_{DEVICE.type}.md").write_text(md + "\n")
     print(md)
     return 0
 
