@@ -50,6 +50,7 @@ from torch.utils.hooks import RemovableHandle
 from .adapters import LayerBanks, MoELayerAdapter, adapter_for, registered_classes
 from .bias import SlowBias
 from .config import ChronoConfig
+from .distributed import StatisticsReducer, check_same_setup, fingerprint, process_group_of, refuse_sharded_banks
 from .governance import ControlConfig, Controller, LogitLens
 from .integrations import register_adapters_for
 from .lifecycle.audit import Audit, AuditRecord, judge, slot_readings
@@ -68,7 +69,9 @@ from .lifecycle.cycle import (
 )
 from .lifecycle.decisions import DecisionLog, DecisionRecord
 from .lifecycle.objective import LayerDecision, free_energy
+from .observe.bimodality import draw_permutation
 from .observe.observer import LayerObserver
+from .observe.tokens import TokenBasins
 from .ops import ExpertRegistry, OptimizerSurgery, snapshot_slots
 from .runlog import (
     BASIN_TOP_TOKENS,
@@ -89,6 +92,7 @@ STATE_FORMAT = 2
 LIFECYCLE_DECISIONS_FILE = DECISIONS_FILE
 BUILTIN = "builtin"  # the default controller: the v2 lens controller driving a LogitLens per layer
 LOSS_HISTORY = 64  # (step, loss) readings kept for the audits
+AUDIT_HISTORY = 1000  # audit verdicts kept in memory (`audit_log`); the run directory's audits.jsonl keeps all
 
 
 @dataclass
@@ -103,6 +107,121 @@ class StepResult:
     snapshot: SystemSnapshot | None = None
     layer_decisions: list[LayerDecision] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _fail(where: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"checkpoint {where} = {value!r} is invalid: expected {expected}; nothing was loaded")
+
+
+def _int_at_least(where: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _fail(where, value, f"an integer >= {low}")
+    return value
+
+
+def _finite_number(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(where, value, "a finite number")
+    return float(value)
+
+
+def _first_bad(t: Tensor, bad: Tensor) -> str:
+    index = tuple(int(v) for v in bad.nonzero()[0].tolist())
+    return f"{float(t[index])} at index {index}" if t.dim() else str(float(t))
+
+
+def check_observer_values(layer: str, state: Mapping[str, Any]) -> None:
+    """Values of one layer's saved observer state (shapes are checked by the observer's own load): floats finite
+    (`phi_last` may hold NaN = unmeasured, never Inf), retention products (`*.decay`) in [0, 1], counts >= 0,
+    `last_seen` >= -1 (never seen). ValueError naming the key, the value and the expected range."""
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"checkpoint layer {layer} observer state {key!r} is {type(value).__name__}; "
+                             "expected a tensor; nothing was loaded")
+        where = f"layer {layer} observer state {key!r}"
+        v = value.detach().cpu()
+        if v.dtype == torch.bool or v.numel() == 0:
+            continue
+        if v.is_floating_point():
+            v = v.double()
+            bad = ~(torch.isfinite(v) | torch.isnan(v)) if key.endswith("phi_last") else ~torch.isfinite(v)
+            if bool(bad.any()):
+                raise ValueError(f"checkpoint {where} holds a non-finite value ({_first_bad(v, bad)}); expected "
+                                 "finite values; nothing was loaded")
+        name = key.rsplit(".", 1)[-1]
+        if name == "decay":
+            bad = (v < 0) | (v > 1)
+            expected = "retention products in [0, 1]"
+        elif name == "last_seen":
+            bad = v < -1
+            expected = "steps >= -1 (-1 = never seen)"
+        elif name in ("count", "counts", "step", "nonfinite_skips", "coactivation", "coactivation_tokens",
+                      "evidence"):
+            bad = v < 0
+            expected = "counts >= 0"
+        else:
+            continue
+        if bool(bad.any()):
+            raise ValueError(f"checkpoint {where} holds {_first_bad(v, bad)}; expected {expected}; nothing was loaded")
+
+
+def check_state_values(state: Mapping[str, Any], layer_names: Sequence[str]) -> None:
+    """Validate the values of a `ChronoSystem.state_dict()` (not only shapes) before anything is loaded:
+    non-finite or out-of-range observer state (`check_observer_values`), negative or non-integer steps, step
+    calls, token counts and alert counters, non-finite losses or pressures. ValueError naming the key."""
+    n = len(layer_names)
+    steps = state["layer_steps"]
+    if not isinstance(steps, Sequence) or len(steps) != n:
+        raise _fail("layer_steps", steps, f"{n} integers >= 0 (one per MoE layer)")
+    for i, v in enumerate(steps):
+        _int_at_least(f"layer_steps[{i}]", v, 0)
+    _int_at_least("step_calls", state["step_calls"], 0)
+    last = state["last_edit_step"]
+    if not isinstance(last, Sequence) or len(last) != n:
+        raise _fail("last_edit_step", last, f"{n} integers >= -1 (one per MoE layer; -1 = never)")
+    for i, v in enumerate(last):
+        _int_at_least(f"last_edit_step[{i}]", v, -1)
+    observers = state["observers"]
+    if not isinstance(observers, Sequence) or len(observers) != n:
+        raise _fail("observers", type(observers).__name__, f"{n} observer states (one per MoE layer)")
+    for i, (name, saved) in enumerate(zip(layer_names, observers, strict=True)):
+        if not isinstance(saved, Mapping):
+            raise _fail(f"observers[{i}]", type(saved).__name__, "a mapping of tensors")
+        check_observer_values(f"{i} ({name!r})", saved)
+    counts = state["counter"]["counts"]
+    if not isinstance(counts, Tensor):
+        raise _fail("counter.counts", type(counts).__name__, "a tensor")
+    c = counts.detach().cpu()
+    c = c.double() if c.is_floating_point() else c
+    bad = ~torch.isfinite(c) | (c < 0) if c.is_floating_point() else c < 0
+    if bool(bad.any()):
+        raise ValueError(f"checkpoint counter.counts holds {_first_bad(c, bad)}; expected token counts >= 0; "
+                         "nothing was loaded")
+    alerts = state["alert_history"]
+    if not isinstance(alerts, Mapping):
+        raise _fail("alert_history", type(alerts).__name__, "a mapping of alert counters")
+    for key, v in alerts.items():
+        _int_at_least(f"alert_history[{key!r}]", v, 0)
+    for j, pair in enumerate(state["losses"]):
+        if not isinstance(pair, Sequence) or len(pair) != 2:
+            raise _fail(f"losses[{j}]", pair, "a [step, loss] pair")
+        _int_at_least(f"losses[{j}] step", pair[0], 0)
+        _finite_number(f"losses[{j}] loss", pair[1])
+    for key, v in state["pressure"].items():
+        _finite_number(f"pressure[{key!r}]", v)
+    for j, entry in enumerate(state["barred"]):
+        if not isinstance(entry, Sequence) or len(entry) != 3:
+            raise _fail(f"barred[{j}]", entry, "a [layer, action, until] triple")
+        _int_at_least(f"barred[{j}] layer", entry[0], 0)
+        _int_at_least(f"barred[{j}] until", entry[2], 0)
+
+
+@torch.no_grad()
+def _observe_layer(observer: LayerObserver, trace: MoETrace, active_mask: Tensor, perm: Tensor) -> Tensor:
+    """One layer's per-forward fast-state update (`LayerObserver.observe`); returns its token counts `[E]`.
+    What `ChronoSystem(compile_observers=True)` compiles: the layer is an argument, not a constant."""
+    counts: Tensor = observer.observe(trace, active_mask, perm=perm).counts
+    return counts
 
 
 def find_moe_layers(model: nn.Module) -> list[tuple[str, MoELayerAdapter]]:
@@ -130,6 +249,9 @@ class ChronoSystem:
     (`decision_log.records`). `seed` seeds the generator of the detector's sampling and of edit perturbations.
     `compile_observers` runs the per-forward observer through `torch.compile` (default: on CUDA only, where
     the eager observer is bound by kernel-launch overhead; see benchmarks/results/system_cuda.md).
+    `process_group`: the data-parallel group to reduce the per-forward statistics over (default: the default
+    group when torch.distributed is initialised; none otherwise). Every rank then holds the same state, takes
+    the same decisions and applies the same edits; rank 0 alone writes the run directory (docs/distributed.md).
     """
 
     def __init__(
@@ -142,6 +264,7 @@ class ChronoSystem:
         *,
         seed: int = 0,
         compile_observers: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         self.config = config if config is not None else ChronoConfig()
         if not isinstance(self.config, ChronoConfig):
@@ -165,6 +288,21 @@ class ChronoSystem:
         self.layers: list[nn.Module] = [a.module for a in self.adapters]
         self.banks: list[LayerBanks] = [a.banks() for a in self.adapters]
         self.top_k = [a.top_k for a in self.adapters]
+        refuse_sharded_banks(self.layer_names, [[ps.param for ps in b.param_slots()] for b in self.banks])
+        # Data parallel: every rank must be built alike (checked once, here); then per forward one stacked
+        # all-reduce of every layer's statistics (distributed.py); rank 0 alone writes the run directory.
+        group = process_group_of(process_group)
+        self._dp: StatisticsReducer | None = None
+        self._dp_tokens: dict[int, TokenBasins] = {}  # token-basin counts added since the last step()
+        if group is not None:
+            check_same_setup(fingerprint(self.config.to_dict(), {
+                "names": list(self.layer_names), "num_slots": [b.num_slots for b in self.banks],
+                "hidden_size": [a.hidden_size for a in self.adapters], "top_k": list(self.top_k),
+                "router_size": [a.router_input_size for a in self.adapters],
+            }), group)
+            self._dp = StatisticsReducer(group, self.banks[0].active_mask.device)
+            if self._dp.rank != 0:
+                self.output_dir = None
         self.device = self.banks[0].active_mask.device
         self.observers = [
             LayerObserver(
@@ -198,9 +336,11 @@ class ChronoSystem:
         self.generator.manual_seed(seed)
         # On CUDA the observers' many small kernels are launch-bound in eager mode: torch.compile fuses them.
         self.compile_observers = self.device.type == "cuda" if compile_observers is None else bool(compile_observers)
-        self._observe_compiled = torch.compile(self._observe) if self.compile_observers else self._observe
+        # One free function of the layer's observer (not a method specialised on the layer index): one compiled
+        # graph serves every layer of the same shape, so the first-step compile does not grow with depth.
+        self._observe_compiled = torch.compile(_observe_layer) if self.compile_observers else _observe_layer
         if self.compile_observers:
-            # One code object serves every layer and is specialised per layer index: make room for all of them
+            # Layers of different shapes (or token counts) still compile their own graphs: make room for them
             # (torch's default limit of 8 would send layers past the 8th back to eager mode).
             import torch._dynamo.config as dynamo_config
 
@@ -270,7 +410,6 @@ class ChronoSystem:
 
     # ------------------------------------------------------------------ fast clock (per forward, no host sync)
     def _make_observer(self, i: int) -> Any:
-        observe = self._observe_compiled
         device = self.banks[i].active_mask.device  # where layer i's observer state lives
 
         def _observe(trace: MoETrace) -> None:
@@ -279,19 +418,77 @@ class ChronoSystem:
                     f"MoE layer {self.layer_names[i]!r} now runs on {trace.expert_out.device}, but this ChronoSystem "
                     f"keeps its state for it on {device}: move the model before building the system on it"
                 )
-            observe(i, trace)
+            # The detector's random draw stays outside the (possibly compiled) observer: torch.compile cannot
+            # trace a torch.Generator, and a tensor argument keeps the graph whole and the draw the same.
+            if self._dp is not None:
+                self._measure_shard(i, trace, self._dp)
+            else:
+                self._observe(i, trace, draw_permutation(trace, self.generator))
             self._count_tokens(i, trace)
             self.layer_steps[i] += 1  # Python bookkeeping stays outside the (possibly compiled) observer
 
         return _observe
 
     @torch.no_grad()
-    def _observe(self, i: int, trace: MoETrace) -> None:
-        stats = self.observers[i].observe(trace, self.banks[i].active_mask, self.generator)
-        counts = stats.counts
+    def _observe(self, i: int, trace: MoETrace, perm: Tensor) -> None:
+        counts = self._observe_compiled(self.observers[i], trace, self.banks[i].active_mask, perm)
+        self._add_counts(i, counts)
+
+    def _add_counts(self, i: int, counts: Tensor) -> None:
         if counts.shape[0] < self.num_slots:
             counts = torch.cat([counts, counts.new_zeros(self.num_slots - counts.shape[0])])
         self.counter.add(i, counts)
+
+    @torch.no_grad()
+    def _measure_shard(self, i: int, trace: MoETrace, dp: StatisticsReducer) -> None:
+        """Data parallel: measure this rank's shard of layer i's forward and hand it to the reducer (which
+        issues one all-reduce once every layer was measured); a layer measured again first settles the last."""
+        if dp.has(i):
+            self._settle()
+        obs, mask = self.observers[i], self.banks[i].active_mask
+        keys, perm = dp.draw_permutation(trace, self.generator)
+        increment = torch.zeros(obs.num_experts, obs.num_experts, device=mask.device)
+        measured = obs.measure(trace, mask, perm=perm, coactivation=increment)
+        samples = self.config.bimodality.samples_per_expert
+        dp.add(i, measured, dp.sample_keys(trace, samples, keys, perm), keys.numel())
+        if len(dp.pending) == len(self.layers):
+            dp.start()
+
+    @torch.no_grad()
+    def _settle(self) -> None:
+        """Data parallel: wait for the pending reduction and fold every layer's global readings."""
+        if self._dp is None:
+            return
+        for i, measured in self._dp.finish(self.config.bimodality.samples_per_expert):
+            self.observers[i].fold(measured, self.banks[i].active_mask)
+            self._add_counts(i, measured.stats.counts)
+
+    def _sync_ranks(self, loss: float | None) -> float | None:
+        """Data parallel, at `step()`: fold the last forward, check that the ranks' forwards agreed, sum the
+        token basins of the window, and return the ranks' mean loss (every rank records the same)."""
+        dp = self._dp
+        if dp is None:
+            return loss
+        self._settle()
+        if bool(dp.mismatch):
+            raise ValueError(
+                "data-parallel ranks forwarded different numbers of tokens through the MoE layers: every rank "
+                "must forward batches of the same shape (drop or pad the last batch), or the shared sampler "
+                "and the statistics no longer describe one global batch"
+            )
+        pending = {}
+        for i, obs in enumerate(self.observers):
+            if obs.tokens is not None:
+                pending[i] = self._dp_tokens.get(i) or TokenBasins(
+                    obs.num_experts, self.config.basins.vocab_limit, device=obs.device
+                )
+        dp.reduce_token_basins(pending)
+        for i, table in pending.items():
+            tokens = self.observers[i].tokens
+            assert tokens is not None
+            tokens.counts.add_(table.counts)
+        self._dp_tokens = {}
+        return dp.mean_loss(loss)
 
     # ------------------------------------------------------------------ token basins (optional)
     def observe_tokens(self, token_ids: Tensor) -> None:
@@ -319,6 +516,13 @@ class ChronoSystem:
         if ids is None or self._token_used[i] == self._token_generation or ids.shape[0] != trace.num_tokens:
             return  # no ids, already counted, or this forward is not the batch the ids describe
         self._token_used[i] = self._token_generation
+        if self._dp is not None:  # this rank's counts, summed over the ranks at step()
+            obs = self.observers[i]
+            table = self._dp_tokens.setdefault(
+                i, TokenBasins(obs.num_experts, self.config.basins.vocab_limit, device=obs.device)
+            )
+            table.add(ids.to(trace.topk_index.device), trace.topk_index, trace.kept_slots())
+            return
         self.observers[i].count_tokens(ids, trace)
 
     # ------------------------------------------------------------------ host side
@@ -360,6 +564,7 @@ class ChronoSystem:
         return snapshot, events
 
     def readings(self) -> dict[int, dict[str, Tensor]]:
+        self._settle()
         out: dict[int, dict[str, Tensor]] = {}
         for i, obs in enumerate(self.observers):
             clocks = obs.coherence.phi_clocks.detach().cpu()
@@ -406,7 +611,10 @@ class ChronoSystem:
         self, snapshot: SystemSnapshot | None = None, lenses: Any = None, loss: float | None = None
     ) -> StepResult:
         """Run the mid clock, and the slow clock when due (or an emergency review); see the module docstring.
-        `loss` (e.g. the evaluation loss) is recorded in the run directory's readings."""
+        `loss` (e.g. the evaluation loss) is recorded in the run directory's readings. Transactional: if anything
+        raises (the controller included, or returns None: TypeError), the step counter, the window's token
+        counts and alert counters, and the clocks' state are restored before the exception propagates
+        (docs/reliability.md)."""
         if self.global_step == 0:
             raise RuntimeError(
                 "ChronoSystem.step() was called before any observed training forward: run at least one forward "
@@ -414,6 +622,62 @@ class ChronoSystem:
             )
         if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
             raise ValueError(f"loss={loss!r} is invalid: expected a number or None")
+        # Transactional: on any exception the scheduling and counting state is restored (the window's token
+        # counts, alert counters, step counter, losses, the mid clock's state and lens offsets, beta, observer
+        # windows), so the next successful step() sees this window. Edits an exception interrupts after they
+        # were applied stay applied and logged (each edit is itself validated first and atomic: ops/). The savepoint
+        # is taken after the data-parallel fold, so a restored window is never folded twice.
+        loss = self._sync_ranks(loss)  # data parallel: fold the last forward, the ranks' mean loss
+        savepoint = self._savepoint()
+        try:
+            return self._step(snapshot, lenses, loss)
+        except BaseException:
+            self._restore(savepoint)
+            raise
+
+    def _savepoint(self) -> dict[str, Any]:
+        """What `_restore` puts back after a failed step() (host copies and device clones; step() may sync)."""
+        controller_state = None
+        if self.controller is not None and callable(getattr(self.controller, "state_dict", None)) and callable(
+            getattr(self.controller, "load_state_dict", None)
+        ):
+            controller_state = copy.deepcopy(self.controller.state_dict())
+        return {
+            "counts": self.counter.counts.clone(),
+            "alerts": dict(self.alert_history.counts),
+            "step_calls": self.step_calls,
+            "losses": list(self.losses),
+            "pressure": dict(self.pressure),
+            "controller": controller_state,
+            "lenses": {i: {k: v.clone() for k, v in lens.state_dict().items()} for i, lens in self.lenses.items()},
+            "lens_masks": {i: lens.active_mask.clone() if isinstance(getattr(lens, "active_mask", None), Tensor)
+                           else None for i, lens in self.lenses.items()},
+            "betas": [None if b is None else b.beta.detach().clone() for b in self.biases],
+            "observers": [{k: v.clone() for k, v in obs.state_dict().items()} for obs in self.observers],
+        }
+
+    def _restore(self, saved: Mapping[str, Any]) -> None:
+        self.counter.counts.copy_(saved["counts"])
+        self.alert_history.counts.clear()
+        self.alert_history.counts.update(saved["alerts"])
+        self.step_calls = saved["step_calls"]
+        self.losses = list(saved["losses"])
+        self.pressure = dict(saved["pressure"])
+        if saved["controller"] is not None:
+            self.controller.load_state_dict(saved["controller"])
+        for i, lens in self.lenses.items():
+            lens.load_state_dict(saved["lenses"][i])
+            mask = saved["lens_masks"][i]
+            if mask is not None:
+                lens.set_active_mask(mask)
+        with torch.no_grad():
+            for bias, beta in zip(self.biases, saved["betas"], strict=True):
+                if bias is not None and beta is not None:
+                    bias.beta.copy_(beta)
+        for obs, state in zip(self.observers, saved["observers"], strict=True):
+            obs.load_state_dict(state)
+
+    def _step(self, snapshot: SystemSnapshot | None, lenses: Any, loss: float | None) -> StepResult:
         if loss is not None and math.isfinite(loss):
             self.losses.append((self.global_step, float(loss)))
             del self.losses[:-LOSS_HISTORY]
@@ -425,7 +689,16 @@ class ChronoSystem:
             lens.set_active_mask(window_masks[i])  # the shares of the snapshot are at this width
         if lenses is None and self.lenses:
             lenses = self.lenses
-        control = list(self.controller.update(snapshot, lenses)) if self.controller is not None else []
+        control: list[Any] = []
+        if self.controller is not None:
+            out = self.controller.update(snapshot, lenses)
+            if out is None or isinstance(out, (str, bytes, Mapping)) or not hasattr(out, "__iter__"):
+                raise TypeError(
+                    f"controller {type(self.controller).__name__}.update(snapshot, lenses) returned "
+                    f"{type(out).__name__}; expected a list of decisions (possibly empty). The step was not taken: "
+                    "the window's token counts and the step counter are as they were"
+                )
+            control = list(out)
         for decision in control:  # the v2 ControlDecision reports each layer's pressure
             computed = getattr(decision, "computed", None)
             if isinstance(computed, Mapping) and "pressure" in computed:
@@ -526,6 +799,7 @@ class ChronoSystem:
         """End of training: judge the edits still under audit on the window they had (verdict `partial`, logged
         to `audits.jsonl` like the others; nothing is rolled back, the run is over) and return those records.
         Call it once after the last `step()`; the system can still be saved afterwards."""
+        self._settle()
         closed = []
         step = self.global_step
         for i in sorted(self.audits):
@@ -540,6 +814,7 @@ class ChronoSystem:
                 f"{'would be harmful' if harmful else 'would be kept'}: {verdict.reason}"
             ))
             self.audit_log.append(verdict)
+            del self.audit_log[:-AUDIT_HISTORY]
             if self.runlog is not None:
                 self.runlog.write_audit(verdict.to_dict())
             closed.append(verdict)
@@ -559,6 +834,7 @@ class ChronoSystem:
             harmful, verdict = judge(audit, F_now, after, losses, self.config, step)
             del self.audits[i]
             self.audit_log.append(verdict)
+            del self.audit_log[:-AUDIT_HISTORY]
             if self.runlog is not None:
                 self.runlog.write_audit(verdict.to_dict())
             if not harmful:
@@ -654,6 +930,13 @@ class ChronoSystem:
         """Everything needed to resume exactly, composed of the parts' own state; plain containers and tensors
         (`torch.load(weights_only=True)`). What lives on the layers (weights, active masks, beta) is the model's
         state: save and load that too (the model's before the system's)."""
+        if self._dp is not None:  # data parallel: often called on rank 0 alone, so it issues no collective
+            if self._dp.pending and self._dp.work is None:
+                raise RuntimeError(
+                    "state_dict() was called while a forward's statistics are not yet reduced across ranks: "
+                    "call it after step() (every rank then holds the same state; save it on rank 0)"
+                )
+            self._settle()
         controller_state = None
         if self.controller is not None and callable(getattr(self.controller, "state_dict", None)):
             controller_state = self.controller.state_dict()
@@ -683,10 +966,13 @@ class ChronoSystem:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a `state_dict()`. Everything is validated on copies first: on error (ValueError naming what
-        differs) the system is unchanged. A checkpoint saved under another config raises, naming the fields
-        that differ (build the system with `ChronoConfig.from_dict(state["config"])` to resume it). The
-        model's state must be loaded first: the layers' active masks must agree with the saved registry."""
+        """Restore a `state_dict()`. Everything is validated on copies first, values as well as shapes
+        (`check_state_values`: finite clocks and state, counts and steps >= 0; the registry's live experts within
+        the config's limits and equal to the layers' active masks): on error (ValueError naming the key, the
+        value and what was expected) the system is unchanged. A checkpoint saved under another config raises,
+        naming the fields that differ (build the system with `ChronoConfig.from_dict(state["config"])` to resume
+        it). The model's state must be loaded first: the layers' active masks must agree with the saved
+        registry."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             got = state.get("format") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"ChronoSystem state format {got!r} is unsupported: expected {STATE_FORMAT}")
@@ -707,6 +993,7 @@ class ChronoSystem:
                 f"saved state has {saved_widths} expert slots per MoE layer; this system's model has {widths}: build "
                 "the model at the saved width and load its state before the system's"
             )
+        check_state_values(state, names)
         new_observers = []
         for i, (obs, saved) in enumerate(zip(self.observers, state["observers"], strict=True)):
             clone = copy.deepcopy(obs)
@@ -765,14 +1052,14 @@ class ChronoSystem:
         self.generator = generator
         self.losses = [(int(s), float(v)) for s, v in state["losses"]]
         self.audits = {int(i): Audit.from_state_dict(a) for i, a in state["audits"].items()}
-        self.audit_log = [AuditRecord(**r) for r in state["audit_log"]]
+        self.audit_log = [AuditRecord(**r) for r in state["audit_log"]][-AUDIT_HISTORY:]
         self.barred = {(int(layer), str(action)): int(until) for layer, action, until in state["barred"]}
         self.pressure = {int(i): float(p) for i, p in state["pressure"].items()}
         vocabulary = state.get("vocabulary")
         self.vocabulary = None if vocabulary is None else [str(w) for w in vocabulary]
         if self.output_dir is not None:
             self._resume_run_dir()
-        self.decision_log.records = records
+        self.decision_log.records = records[-self.decision_log.max_records :]
         if self.surgery is not None and surgery_state is not None:
             self.surgery.load_state_dict(surgery_state)
         else:

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "chronomoe_v3"
 
 RANK = {
     "system": 9,
-    "runlog": 8, "report": 8, "toy": 8, "integrations": 8,
+    "runlog": 8, "report": 8, "toy": 8, "integrations": 8, "distributed": 8,
     "lifecycle": 7,
     "ops": 6,
     "adapters": 5,

@@ -326,8 +326,10 @@ def test_invariants_on_random_views(data: st.DataObject) -> None:
             total = float(torch.where(torch.isfinite(phi) & (active | cooling), share, 0.0).sum())
             assert float(share[c.expert_id]) / max(total, 1e-12) < 0.5 * fair + 1e-9
             assert not bool(degrading[c.expert_id])
-        if c.action == "split":
-            assert c.delta.misfit <= 0.0  # never against its own coherence prediction
+        if c.action == "split":  # the misfit moves by at most what the children's predicted coherence
+            phi_e = float(view.phi_slow[c.expert_id])  # differs from the parent's (a gain when both beat it)
+            cp = [float(x) for x in view.centroid_phi[:, c.expert_id]]
+            assert min(0.0, phi_e - max(cp)) - 1e-9 <= c.delta.misfit <= max(0.0, phi_e - min(cp)) + 1e-9
         if c.action == "replace":
             assert bool(degrading[c.expert_id]) and not bool(degrading[c.partner_id])
         assert c.reason

@@ -275,6 +275,10 @@ class DecisionRecord:
         )
 
 
+#: decision records a `DecisionLog` keeps in memory (the file keeps all of them)
+MEMORY_RECORDS = 1000
+
+
 class DecisionLog:
     """Decision records kept in memory and, when `path` is given, appended to a JSONL file.
 
@@ -285,11 +289,20 @@ class DecisionLog:
 
     Memory and disk agree: a record joins `records` only once its line is in the file. A failed write raises
     `jsonl.FileWriteError` (an OSError naming the file) and leaves both `records` and the file as they were.
+
+    Memory is bounded: `records` keeps the latest `max_records` records (default `MEMORY_RECORDS`; None = all),
+    oldest dropped first; the file keeps every record (`load_decisions` reads them all back).
     """
 
-    def __init__(self, path: PathLike | None = None, *, fsync: bool = False) -> None:
+    def __init__(
+        self, path: PathLike | None = None, *, fsync: bool = False, max_records: int | None = None
+    ) -> None:
+        limit = MEMORY_RECORDS if max_records is None else max_records
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_records={max_records!r} is invalid: expected an integer >= 1 or None")
         self.path = None if path is None else Path(path)
         self.fsync = bool(fsync)
+        self.max_records = limit
         self.records: list[DecisionRecord] = []
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -305,6 +318,8 @@ class DecisionLog:
         if self.path is not None:
             append_lines(self.path, [line], fsync=self.fsync)
         self.records.append(record)
+        if len(self.records) > self.max_records:
+            del self.records[: len(self.records) - self.max_records]
 
     def __len__(self) -> int:
         return len(self.records)

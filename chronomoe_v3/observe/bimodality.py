@@ -47,25 +47,42 @@ DEFAULT_SAMPLES_PER_EXPERT = BimodalityConfig().samples_per_expert
 _ABS_ZERO = 1e-30
 
 
+def draw_permutation(trace: MoETrace, generator: torch.Generator | None = None) -> Tensor:
+    """The random order `sample_slots` draws its samples in: a permutation of the trace's `T*K` token-slots
+    (`torch.randperm` on the trace's device). Drawn outside a compiled observer (the generator is host state
+    `torch.compile` cannot trace) and handed to it as a tensor: the same draw, eager or compiled."""
+    t, k = trace.topk_index.shape
+    return torch.randperm(t * k, device=trace.expert_out.device, generator=generator)
+
+
 def sample_slots(
-    trace: MoETrace, samples_per_expert: int = DEFAULT_SAMPLES_PER_EXPERT, generator: torch.Generator | None = None
+    trace: MoETrace,
+    samples_per_expert: int = DEFAULT_SAMPLES_PER_EXPERT,
+    generator: torch.Generator | None = None,
+    *,
+    perm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Up to `S` random kept token-slots per expert: `(slot [E, S] long, taken [E, S] bool)`.
 
     `slot` indexes the flattened `[T*K]` token-slots (token `slot // K`); rows not taken hold 0. Slots are
     drawn uniformly without replacement among the expert's kept, non-padding slots. `generator` (on the
-    trace's device) makes the draw reproducible.
+    trace's device) makes the draw reproducible; `perm` (from `draw_permutation`) replaces the draw.
     """
     if isinstance(samples_per_expert, bool) or not isinstance(samples_per_expert, int) or samples_per_expert < 1:
         raise ValueError(f"samples_per_expert={samples_per_expert!r} is invalid: expected an integer >= 1")
     t, k = trace.topk_index.shape
     e, s, n = trace.num_experts, samples_per_expert, t * k
     device = trace.expert_out.device
+    if perm is None:
+        perm = draw_permutation(trace, generator)
+    elif tuple(perm.shape) != (n,):
+        raise ValueError(f"perm has shape {tuple(perm.shape)}; expected ({n},), a permutation of the T*K slots")
     idx = trace.topk_index.reshape(n).to(torch.long)
     keep = trace.kept_slots().reshape(n)
     target = torch.where(keep, idx, torch.full_like(idx, e))  # dropped / padded slots sort last, into row E
-    # Sort by (expert, random rank): a random order of slots within each expert.
-    order = torch.argsort(target * n + torch.randperm(n, device=device, generator=generator))
+    # Sort by (expert, random rank): a random order of slots within each expert. The keys are distinct, so
+    # the stable sort (several times faster on the CPU) gives the same order as any other.
+    order = torch.argsort(target * n + perm.to(device=device, dtype=torch.long), stable=True)
     sorted_target = target[order]
     counts = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, target, torch.ones_like(target))
     starts = counts.cumsum(0) - counts
@@ -85,18 +102,20 @@ def sample_expert_outputs(
     generator: torch.Generator | None = None,
     *,
     details: bool = False,
+    perm: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """Up to `S` random kept token-slot outputs per expert: `(samples [E, S, H] fp32, valid [E, S] bool)`.
 
-    Slots are drawn by `sample_slots`; rows that are not valid (expert saw fewer than S tokens, or the row is
-    non-finite or zero) are zero. Only `E * S` rows are gathered. With `details` two more tensors come
-    back: `router_input [E, S, H_r]` (fp32), the sampled tokens' `trace.router_input` (zeros where not valid,
-    or everywhere when the trace has none), and `gate [E, S]` (fp32), the sampled slots' gate weights.
+    Slots are drawn by `sample_slots` (`perm`: see there); rows that are not valid (expert saw fewer than S
+    tokens, or the row is non-finite or zero) are zero. Only `E * S` rows are gathered. With `details` two
+    more tensors come back: `router_input [E, S, H_r]` (fp32), the sampled tokens' `trace.router_input`
+    (zeros where not valid, or everywhere when the trace has none), and `gate [E, S]` (fp32), the sampled
+    slots' gate weights.
     """
     t, k, h = trace.expert_out.shape
     e, s, n = trace.num_experts, samples_per_expert, t * k
     device = trace.expert_out.device
-    src, valid = sample_slots(trace, samples_per_expert, generator)
+    src, valid = sample_slots(trace, samples_per_expert, generator, perm=perm)
     src = src.reshape(e * s)
     rows = trace.expert_out.reshape(n, h)[src].float()
     valid = valid.reshape(e * s) & torch.isfinite(rows).all(-1) & (rows.abs().sum(-1) > 0)

@@ -13,6 +13,7 @@ learns of edits only through it); `view(...)` copies what the slow clock reads i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -24,7 +25,7 @@ from ..trace import MoETrace
 from ..view import LayerView
 from .bimodality import BimodalityState, sample_expert_outputs
 from .coherence import CoherenceState
-from .stats import ExpertStats, add_coactivation, coherence_reference, compute_expert_stats, starvation_fraction
+from .stats import ExpertStats, coherence_reference, compute_expert_stats, router_signals
 from .tokens import TokenBasins
 
 
@@ -42,6 +43,27 @@ class SlotEdit(Protocol):
 
     @property
     def kept_slots(self) -> tuple[int, ...]: ...
+
+
+@dataclass
+class Measurement:
+    """One observed forward of one layer, measured (`LayerObserver.measure`) but not yet folded (`fold`).
+
+    `stats` (`ExpertStats`); `relevance []` (bridge) or None; the detector's samples `samples [E, S, H]`,
+    `valid [E, S]`, `router_input [E, S, H_r]` or None, `gate [E, S]`; `coactivation [E, E]`, the co-routing
+    increment (None when it was added in place), over `coactivation_tokens []` real tokens; `starved []`, the
+    fraction of starved tokens, or None without clean router logits.
+    """
+
+    stats: ExpertStats
+    relevance: Tensor | None
+    samples: Tensor
+    valid: Tensor
+    router_input: Tensor | None
+    gate: Tensor
+    coactivation: Tensor | None
+    coactivation_tokens: Tensor
+    starved: Tensor | None
 
 
 def _mask(num_slots: int, slots: Sequence[int], device: torch.device) -> Tensor:
@@ -110,30 +132,68 @@ class LayerObserver(nn.Module):
 
     # ------------------------------------------------------------------ per forward (device only)
     @torch.no_grad()
-    def observe(self, trace: MoETrace, active_mask: Tensor, generator: torch.Generator | None = None) -> ExpertStats:
-        """Fold one training forward into the fast state; returns its statistics (for the token counter)."""
+    def observe(
+        self,
+        trace: MoETrace,
+        active_mask: Tensor,
+        generator: torch.Generator | None = None,
+        perm: Tensor | None = None,
+    ) -> ExpertStats:
+        """Fold one training forward into the fast state; returns its statistics (for the token counter).
+
+        `perm` (a random permutation of the trace's `T*K` token-slots, drawn by the caller with `generator`:
+        `draw_permutation`) orders the detector's sampling; without it one is drawn here from `generator`. A
+        compiled caller passes it, so that the generator (which `torch.compile` cannot trace) stays outside
+        the graph. Same as `fold(measure(...))`."""
+        measured = self.measure(trace, active_mask, generator, perm)
+        self.fold(measured, active_mask)
+        return measured.stats
+
+    @torch.no_grad()
+    def measure(
+        self,
+        trace: MoETrace,
+        active_mask: Tensor,
+        generator: torch.Generator | None = None,
+        perm: Tensor | None = None,
+        coactivation: Tensor | None = None,
+    ) -> Measurement:
+        """One forward's local readings, not yet folded into the clocks (`fold`). The co-routing is added in
+        place to `coactivation` (`[E, E]`; default: this observer's accumulator, and `fold` then adds none).
+        A data-parallel run measures on every rank, sums the measurements (`distributed.py`), then folds."""
         stats = compute_expert_stats(trace)
         relevance = trace.bridge.relevance if trace.bridge is not None else None
-        self.coherence.observe(stats, active_mask, relevance)
         samples, valid, inputs, gate = sample_expert_outputs(
-            trace, self.config.bimodality.samples_per_expert, generator=generator, details=True
+            trace, self.config.bimodality.samples_per_expert, generator=generator, details=True, perm=perm
         )
-        reference = coherence_reference(stats, self.config.coherence.estimator)
         usable = trace.router_input is not None and inputs.shape[-1] == self.bimodality.router_size
+        into = self.coactivation if coactivation is None else coactivation
+        tokens, starved = router_signals(
+            into, trace, active_mask, self.top_k, self.config.objective.starvation_confidence
+        )
+        return Measurement(
+            stats, relevance, samples, valid, inputs if usable else None, gate,
+            None if coactivation is None else coactivation, tokens, starved,
+        )
+
+    @torch.no_grad()
+    def fold(self, measured: Measurement, active_mask: Tensor) -> None:
+        """Fold one forward's readings (`measure`, or their sum over data-parallel ranks) into the fast state."""
+        stats = measured.stats
+        self.coherence.observe(stats, active_mask, measured.relevance)
+        reference = coherence_reference(stats, self.config.coherence.estimator)
         load = stats.counts / stats.num_tokens.clamp_min(1.0)
         self.bimodality.update(
-            samples, valid, active_mask, reference=reference, router_input=inputs if usable else None, gate=gate,
-            load=load,
+            measured.samples, measured.valid, active_mask, reference=reference, router_input=measured.router_input,
+            gate=measured.gate, load=load,
         )
-        self.coactivation_tokens.add_(add_coactivation(self.coactivation, trace, active_mask))
-        if trace.router_logits_clean is not None:
-            starved = starvation_fraction(
-                trace.router_logits_clean, active_mask, self.top_k, trace.token_mask,
-                self.config.objective.starvation_confidence,
-            )
+        if measured.coactivation is not None:
+            self.coactivation.add_(measured.coactivation)
+        self.coactivation_tokens.add_(measured.coactivation_tokens)
+        starved = measured.starved
+        if starved is not None:
             self.starvation.update(starved.view(1), torch.ones(1, dtype=torch.bool, device=starved.device))
         self.evidence.mul_(self.slow_retention).add_(stats.counts)
-        return stats
 
     def count_tokens(self, token_ids: Tensor, trace: MoETrace) -> None:
         """Add this forward's (token id, expert) pairs to the token basins (enables them)."""

@@ -115,7 +115,21 @@ class TokenCounter:
         return {"counts": self.counts.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``; ValueError (nothing changed) for a wrong shape or type, or a count that is
+        negative, non-finite or (for an integer counter) fractional."""
         counts = state["counts"]
+        if not isinstance(counts, torch.Tensor):
+            raise ValueError(f"counts must be a tensor, got {type(counts).__name__}")
         if tuple(counts.shape) != tuple(self.counts.shape):
             raise ValueError(f"counts must have shape {tuple(self.counts.shape)}, got {tuple(counts.shape)}")
+        host = counts.detach().to("cpu", torch.float64)
+        bad = ~torch.isfinite(host) | (host < 0)
+        if not self.counts.is_floating_point():
+            bad |= host != host.round()
+        if bool(bad.any()):
+            where = tuple(int(v) for v in bad.nonzero()[0].tolist())
+            raise ValueError(
+                f"counts[{where}] = {float(host[where])} is invalid: expected finite token counts >= 0"
+                f"{' (integers)' if not self.counts.is_floating_point() else ''}"
+            )
         self.counts.copy_(counts)

@@ -55,6 +55,10 @@ def check_counts(name: str, values: Any, length: int | None = None) -> list[int]
         raise ValueError(f"{name} must have length n_experts={length}, got {arr.shape[0]}")
     if arr.size == 0:
         return []
+    if arr.dtype == object and all(isinstance(v, int) and not isinstance(v, bool) for v in arr.tolist()):
+        big = [i for i, v in enumerate(arr.tolist()) if not -(2**63) <= v < 2**63]
+        if big:  # Python ints beyond int64 (numpy keeps them as objects)
+            raise ValueError(f"{name}[{big[0]}] = {arr[big[0]]} exceeds the int64 range of token counts")
     if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"{name} must hold non-negative integer counts, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.floating):
@@ -62,6 +66,10 @@ def check_counts(name: str, values: Any, length: int | None = None) -> list[int]
         if bad.any():
             i = int(np.argmax(bad))
             raise ValueError(f"{name}[{i}] must be a non-negative integer count, got fractional {arr[i].item()!r}")
+        big = np.abs(arr) >= 2.0**63
+        if big.any():  # a cast to int64 would wrap silently
+            i = int(np.argmax(big))
+            raise ValueError(f"{name}[{i}] = {arr[i].item()!r} exceeds the int64 range of token counts")
     if (arr < 0).any():
         i = int(np.argmax(arr < 0))
         raise ValueError(f"{name}[{i}] must be a non-negative integer count, got {arr[i].item()!r}")

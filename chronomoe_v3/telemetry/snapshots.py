@@ -106,9 +106,10 @@ class AlertHistory:
     """Consecutive qualifying-snapshot counts per (layer, alert kind), carried across snapshots.
 
     Each ``SystemSnapshot.from_events`` call is one snapshot: a layer that meets a condition increments
-    its count, a layer that misses resets it to 0, and a layer without events in the window is left as
-    it was. Keys are ``"<KIND>@<layer_id>"`` and are matched exactly. ``counts`` may be a plain dict
-    the caller owns (it is updated in place), which keeps v2 code that passed ``{}`` working.
+    its count, a layer that misses resets it to 0, and a layer without events in the window (or whose
+    events routed no token) is left as it was. Keys are ``"<KIND>@<layer_id>"`` and are matched exactly.
+    ``counts`` may be a plain dict the caller owns (it is updated in place), which keeps v2 code that passed
+    ``{}`` working.
     """
 
     def __init__(self, counts: MutableMapping[str, int] | None = None) -> None:
@@ -210,6 +211,10 @@ class SystemSnapshot:
     ) -> SystemSnapshot:
         """Aggregate a window of events per layer and advance ``alert_history`` by one snapshot.
 
+        A layer whose window routed no token (every count 0, e.g. ``step()`` called twice without a forward)
+        carries no information: it is left out of ``layers`` and its alert counters are left as they were,
+        exactly like a layer without events (no false PRE_COLLAPSE / COLLAPSE_CONFIRMED from empty windows).
+
         Layer ids outside ``range(n_layers)`` raise ValueError. ``alert_history`` is required: pass the
         same ``AlertHistory`` (or dict) at every call of a run. If a layer's active width changed within
         the window, only its events at the width of its latest event are used (older counts index a
@@ -231,7 +236,10 @@ class SystemSnapshot:
         for layer_id in sorted(by_layer):
             evs = by_layer[layer_id]
             width = max(evs, key=lambda e: (e.step, e.timestamp)).n_experts
-            metrics = compute_layer_metrics([e for e in evs if e.n_experts == width], width)
+            window = [e for e in evs if e.n_experts == width]
+            if sum(e.token_count for e in window) == 0:
+                continue  # an empty window (no tokens routed) says nothing: skipped like a layer without events
+            metrics = compute_layer_metrics(window, width)
             metrics.pop("gini_coefficient")
             layers.append(LayerSnapshot(layer_id=layer_id, **metrics))
         alerts = []
