@@ -62,6 +62,18 @@ def center_beta(beta: Tensor, active_mask: Tensor, beta_min: float, beta_max: fl
     return torch.where(active, (b - c).clamp(beta_min, beta_max), b)
 
 
+def fp32_inward(low: float, high: float) -> tuple[float, float]:
+    """`[low, high]` narrowed to the nearest fp32 numbers inside it (the bounds the fp32 beta is clamped to): a
+    bound that is not an fp32 number would otherwise round outward, e.g. 1e-45 -> 1.4e-45 > 1e-45."""
+    inf = torch.tensor(math.inf)
+    lo, hi = torch.tensor(low, dtype=torch.float32), torch.tensor(high, dtype=torch.float32)
+    if float(lo) < low:
+        lo = torch.nextafter(lo, inf)
+    if float(hi) > high:
+        hi = torch.nextafter(hi, -inf)
+    return float(lo), float(hi)
+
+
 def slow_bias_update(
     beta: Tensor,
     phi_slow: Tensor,
@@ -98,6 +110,7 @@ def slow_bias_update(
     if check_values and not bool(torch.isfinite(beta).all()):
         raise ValueError("beta holds non-finite values; expected finite slow biases")
     b = beta.float()
+    beta_min, beta_max = fp32_inward(beta_min, beta_max)  # clamps in fp32 never step outside the fp64 bounds
     phi = phi_slow.to(device=b.device, dtype=torch.float32)
     active = (
         torch.ones(e, dtype=torch.bool, device=b.device) if active_mask is None else active_mask.to(b.device)
