@@ -83,7 +83,8 @@ def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tens
 def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
     x, w, offsets = ctx.saved_tensors
     grad = grad.contiguous()
-    grad_x = grouped_mm(grad, w.transpose(1, 2).contiguous(), offsets) if ctx.needs_input_grad[0] else None
+    # the transposed view as it is: `torch._grouped_mm` takes a column-major operand (no copy of every expert)
+    grad_x = grouped_mm(grad, w.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
     grad_w = grouped_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
     return grad_x, grad_w, None
 

@@ -107,3 +107,47 @@ def test_chronosystem_compiled_observers_match_eager():
             assert torch.allclose(a, b, atol=1e-4, equal_nan=True), key
         elif isinstance(a, torch.Tensor):
             assert torch.equal(a, b), key
+
+
+def test_system_observer_has_no_graph_breaks():
+    """The system's per-forward observer (statistics, clocks, bimodality sampling and update, co-routing,
+    starvation, evidence, token counter) compiles as one graph: the detector's random draw is made outside
+    it (`draw_permutation`) and handed in as a tensor."""
+    from chronomoe_v3 import ChronoConfig, ChronoSystem
+    from chronomoe_v3.observe.bimodality import draw_permutation
+    from chronomoe_v3.toy.models import TinyMoELM
+
+    torch.manual_seed(0)
+    model = TinyMoELM(40, d_model=32, n_layers=2, d_ff=64, max_experts=8, top_k=2, num_active=6)
+    system = ChronoSystem(model, config=ChronoConfig(lifecycle=LifecycleConfig(max_experts_per_layer=8)),
+                          compile_observers=False)
+    traces = []
+    model.moe_layers[1].add_observer(traces.append)
+    x = torch.randint(0, 40, (2, 16))
+    model.loss(x, x)
+    trace = traces[0]
+    torch._dynamo.reset()
+    try:
+        explain = torch._dynamo.explain(system._observe)(1, trace, draw_permutation(trace, system.generator))
+    finally:
+        torch._dynamo.reset()
+    assert explain.graph_break_count == 0, [str(r.reason) for r in explain.break_reasons]
+    assert explain.graph_count == 1
+
+
+def test_permutation_drawn_outside_gives_the_same_samples():
+    """Handing `sample_expert_outputs` a permutation drawn with the generator is the same draw as letting it
+    draw one itself: eager and compiled systems sample the same token-slots."""
+    from chronomoe_v3.observe.bimodality import draw_permutation, sample_expert_outputs
+
+    torch.manual_seed(2)
+    layer = ChronoMoELayer(16, 32, 6, 2, num_active=5)
+    traces = []
+    layer.add_observer(traces.append)
+    layer(torch.randn(50, 16))
+    trace = traces[0]
+    inside = sample_expert_outputs(trace, 4, torch.Generator().manual_seed(7), details=True)
+    perm = draw_permutation(trace, torch.Generator().manual_seed(7))
+    outside = sample_expert_outputs(trace, 4, details=True, perm=perm)
+    for a, b in zip(inside, outside, strict=True):
+        assert torch.equal(a, b)
