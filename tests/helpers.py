@@ -6,13 +6,19 @@ import torch
 
 
 def tree_equal(a, b) -> bool:
-    """Exact equality of nested dicts/lists/tensors (dtype included); NaN floats equal each other."""
+    """Bitwise equality of nested dicts/lists/tensors (dtype and shape included); NaN equals NaN at the same
+    place, in tensors and in floats."""
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        if not a.is_floating_point():
+            return torch.equal(a, b)
+        return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(tree_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(tree_equal(x, y) for x, y in zip(a, b, strict=True))
+        return (isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(tree_equal(x, y) for x, y in zip(a, b, strict=True)))
     if isinstance(a, float) and math.isnan(a):
         return isinstance(b, float) and math.isnan(b)
     return a == b

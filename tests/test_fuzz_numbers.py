@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import tree_equal
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -99,23 +100,6 @@ def assert_finite_state(tree: Any) -> None:
         if t.is_floating_point():
             ok = torch.isfinite(t) | torch.isnan(t) if name.endswith("phi_last") else torch.isfinite(t)
             assert bool(ok.all()), f"{name} holds non-finite values"
-
-
-def same(a: Any, b: Any) -> bool:
-    """Bitwise equality of nested state (NaN equals NaN at the same place)."""
-    if isinstance(a, torch.Tensor):
-        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
-            return False
-        if not a.is_floating_point():
-            return torch.equal(a, b)
-        return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and math.isnan(a):
-        return isinstance(b, float) and math.isnan(b)
-    return bool(a == b)
 
 
 def f32(x: Any) -> torch.Tensor:
@@ -390,7 +374,7 @@ def test_basin_records_are_all_or_nothing(shares: list[float], phis: list[float]
     before = copy.deepcopy(registry.state_dict())
     ok, _ = attempt(lambda: registry.record_basin(0, f32(shares), f32(phis)))
     if not ok:
-        assert same(registry.state_dict(), before)
+        assert tree_equal(registry.state_dict(), before)
     for record in registry.experts():
         assert all(math.isfinite(s) for s in record.basin.shares)
 

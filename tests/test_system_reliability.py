@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import tree_equal
 
 from chronomoe_v3.bias import SlowBias, slow_bias_update
 from chronomoe_v3.clocks import ThreeClockEMA
@@ -32,24 +33,6 @@ def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     elif isinstance(tree, (list, tuple)):
         for k, v in enumerate(tree):
             yield from _tensors(v, f"{prefix}.{k}")
-
-
-def tree_equal(a: Any, b: Any) -> bool:
-    """Bitwise equality of nested state (NaN equals NaN at the same place; dtypes must match)."""
-    if isinstance(a, torch.Tensor):
-        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
-            return False
-        if not a.is_floating_point():
-            return torch.equal(a, b)
-        return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(tree_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return (isinstance(b, (list, tuple)) and len(a) == len(b)
-                and all(tree_equal(x, y) for x, y in zip(a, b, strict=True)))
-    if isinstance(a, float) and a != a:
-        return isinstance(b, float) and b != b
-    return bool(a == b)
 
 
 def _non_finite(tree: Any) -> list[str]:
