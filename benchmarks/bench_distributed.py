@@ -78,7 +78,8 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         model = Stack(s["H"], s["I"], s["E"], s["K"], s["layers"]).to(device=device, dtype=dtype)
         if mode == "ddp+chrono":
-            systems[mode] = ChronoSystem(model, config=config, controller=None, compile_observers=False)
+            systems[mode] = ChronoSystem(model, config=config, controller=None,
+                                         compile_observers=False if args.eager else None)
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(s["T"], s["H"], device=device, dtype=dtype) * (1 + rank)
@@ -90,7 +91,7 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> None:
 
         models[mode], steps[mode] = ddp, step
     system = systems["ddp+chrono"]
-    for _ in range(3):
+    for _ in range(3):  # warm-up: the first steps compile the observer where it is compiled
         for fn in steps.values():
             fn()
     system.step()  # folds the last forward; the reducer now knows the stacked size
@@ -122,16 +123,20 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> None:
         "allreduce_pct_of_ddp_step": 100 * med["allreduce"] / med["ddp"],
         "allreduce_bytes_per_step": nbytes,
         "allreduce_bytes_formula": formula,
+        "observers": "compiled" if system.compile_observers else "eager",
+        "command": "python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:]),
     }
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / f"distributed_{args.backend}.json").write_text(json.dumps(result, indent=2) + "\n")
+    suffix = "_eager" if args.eager else ""
+    (out / f"distributed_{args.backend}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Data-parallel ChronoSystem: {args.backend}, {world} x {result['gpu'] or result['cpu']} ({device.type}, "
         f"{dtype}), torch {torch.__version__}",
         "",
         f"Per rank: {layers} ChronoMoELayer, T={s['T']} tokens, H={h}, E={e}, k={s['K']}, I={s['I']}; "
-        f"median of {args.repeats} interleaved repeats.",
+        f"median of {args.repeats} interleaved repeats; observers {result['observers']}. "
+        f"Command: `{result['command']}`",
         "",
         "| what | ms per step |",
         "|---|---|",
@@ -144,7 +149,7 @@ def _run(rank: int, world: int, args: argparse.Namespace) -> None:
         f"({result['chrono_overhead_pct']:.1f}%), measurement, reduction and fold together.",
         "",
     ]
-    (out / f"distributed_{args.backend}.md").write_text("\n".join(lines))
+    (out / f"distributed_{args.backend}{suffix}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
@@ -163,6 +168,8 @@ def main() -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--eager", action="store_true",
+                        help="eager observers (default: the system's default, compiled on CUDA)")
     args = parser.parse_args()
     if "RANK" in os.environ:  # torchrun
         dist.init_process_group(args.backend, timeout=timedelta(seconds=300))

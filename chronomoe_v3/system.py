@@ -70,7 +70,7 @@ from .lifecycle.cycle import (
 from .lifecycle.decisions import DecisionLog, DecisionRecord
 from .lifecycle.objective import LayerDecision, free_energy
 from .observe.bimodality import draw_permutation
-from .observe.observer import LayerObserver
+from .observe.observer import LayerObserver, Measurement
 from .observe.tokens import TokenBasins
 from .ops import ExpertRegistry, OptimizerSurgery, snapshot_slots
 from .runlog import (
@@ -224,6 +224,13 @@ def _observe_layer(observer: LayerObserver, trace: MoETrace, active_mask: Tensor
     return counts
 
 
+@torch.no_grad()
+def _fold_layer(observer: LayerObserver, measured: Measurement, active_mask: Tensor) -> None:
+    """Data parallel: fold one layer's reduced readings into its fast state (`LayerObserver.fold`); compiled
+    like `_observe_layer` when the observers are (the fold holds most of the observer's small kernels)."""
+    observer.fold(measured, active_mask)
+
+
 def find_moe_layers(model: nn.Module) -> list[tuple[str, MoELayerAdapter]]:
     """`(name, adapter)` of every submodule of `model` whose class has a registered adapter, in module order.
     Adapters of the libraries `model`'s classes come from (transformers) are registered first (`integrations`)."""
@@ -339,6 +346,7 @@ class ChronoSystem:
         # One free function of the layer's observer (not a method specialised on the layer index): one compiled
         # graph serves every layer of the same shape, so the first-step compile does not grow with depth.
         self._observe_compiled = torch.compile(_observe_layer) if self.compile_observers else _observe_layer
+        self._fold_compiled = torch.compile(_fold_layer) if self.compile_observers else _fold_layer
         if self.compile_observers:
             # Layers of different shapes (or token counts) still compile their own graphs: make room for them
             # (torch's default limit of 8 would send layers past the 8th back to eager mode).
@@ -460,7 +468,7 @@ class ChronoSystem:
         if self._dp is None:
             return
         for i, measured in self._dp.finish(self.config.bimodality.samples_per_expert):
-            self.observers[i].fold(measured, self.banks[i].active_mask)
+            self._fold_compiled(self.observers[i], measured, self.banks[i].active_mask)
             self._add_counts(i, measured.stats.counts)
 
     def _sync_ranks(self, loss: float | None) -> float | None:

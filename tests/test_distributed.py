@@ -60,10 +60,11 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
-def _train(rank: int, world: int, device: str = "cpu") -> dict[str, Any]:
-    """STEPS training steps on this rank's share of each global batch (the whole batch when world == 1)."""
+def _train(rank: int, world: int, device: str = "cpu", compiled: bool | None = None) -> dict[str, Any]:
+    """STEPS training steps on this rank's share of each global batch (the whole batch when world == 1);
+    `compiled`: the system's `compile_observers` (None: its default, compiled on CUDA only)."""
     model = _model().to(device)
-    system = ChronoSystem(model, config=EDITFUL, run_id="dp", seed=0)
+    system = ChronoSystem(model, config=EDITFUL, run_id="dp", seed=0, compile_observers=compiled)
     ids = [torch.device(device).index] if device.startswith("cuda") else None
     net: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     opt = torch.optim.Adam(model.parameters(), lr=2e-2)
@@ -84,7 +85,8 @@ def _train(rank: int, world: int, device: str = "cpu") -> dict[str, Any]:
                  "system": system.state_dict(), "actions": actions})
 
 
-def _worker(rank: int, world: int, port: int, mode: str, out: str, backend: str = "gloo") -> None:
+def _worker(rank: int, world: int, port: int, mode: str, out: str, backend: str = "gloo",
+            compiled: bool | None = None) -> None:
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -93,7 +95,7 @@ def _worker(rank: int, world: int, port: int, mode: str, out: str, backend: str 
     try:
         if mode == "train":
             device = f"cuda:{rank}" if backend == "nccl" else "cpu"
-            torch.save(_train(rank, world, device), Path(out) / f"rank{rank}.pt")
+            torch.save(_train(rank, world, device, compiled), Path(out) / f"rank{rank}.pt")
         elif mode == "width":
             ChronoSystem(_model(max_experts=6 if rank == 0 else 8), config=FAST)
         elif mode == "config":
@@ -120,11 +122,11 @@ def _free_port() -> int:
         return port
 
 
-def _spawn(mode: str, out: Path, backend: str = "gloo") -> float:
+def _spawn(mode: str, out: Path, backend: str = "gloo", compiled: bool | None = None) -> float:
     """Run `_worker` on WORLD processes; kill them and fail past JOIN_TIMEOUT_S. Returns the wall time."""
     start = time.monotonic()
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), mode, str(out), backend), nprocs=WORLD, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), mode, str(out), backend, compiled), nprocs=WORLD,
+                             join=False, start_method="spawn")
     deadline = start + JOIN_TIMEOUT_S
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
@@ -160,6 +162,7 @@ def _same(a: Any, b: Any, exact: bool) -> bool:
 
 BACKENDS = [
     pytest.param("gloo", id="gloo-cpu"),
+    pytest.param("gloo-compiled", id="gloo-cpu-compiled-observers"),
     pytest.param("nccl", id="nccl-2gpu", marks=pytest.mark.skipif(
         not (torch.cuda.is_available() and torch.cuda.device_count() >= 2 and dist.is_nccl_available()),
         reason="needs 2 CUDA devices and NCCL")),
@@ -168,11 +171,13 @@ BACKENDS = [
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ranks_stay_identical_through_edits_and_equal_one_process(tmp_path: Path, backend: str) -> None:
-    seconds = _spawn("train", tmp_path, backend)
+    compiled = True if backend == "gloo-compiled" else None  # the compiled fold (the default on CUDA), on CPU
+    backend = backend.removesuffix("-compiled")
+    seconds = _spawn("train", tmp_path, backend, compiled)
     errors = sorted(tmp_path.glob("error*.txt"))
     assert not errors, [e.read_text() for e in errors]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    single = _train(0, 1, "cuda:0" if backend == "nccl" else "cpu")
+    single = _train(0, 1, "cuda:0" if backend == "nccl" else "cpu", compiled)
     edits = [a for a in single["actions"] if a[2] != "rollback"]
     assert edits, "the run should make at least one lifecycle edit"
     # every rank holds bitwise the same parameters, registry, clocks, RNG, decision log and actions
