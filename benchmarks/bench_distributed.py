@@ -30,24 +30,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from chronomoe_v3 import ChronoConfig, ChronoMoELayer, ChronoSystem
+from chronomoe_v3 import ChronoConfig, ChronoSystem
 from chronomoe_v3.config import LifecycleConfig
 
-SHAPES = {
-    "cuda": dict(T=16384, H=2048, E=64, K=8, I=1024, layers=2),
-    "cpu": dict(T=1024, H=256, E=16, K=2, I=256, layers=2),
-}
-
-
-class Stack(nn.Module):
-    def __init__(self, h: int, i: int, e: int, k: int, layers: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(ChronoMoELayer(h, i, e, k, layer_id=n) for n in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = x + layer(x)
-        return x
+# the same two-layer stack and per-device shapes as bench_system.py (shape A of PERF.md on CUDA)
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_system import SHAPES, Stack  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
