@@ -30,6 +30,7 @@ from .config import (
     DegradeConfig,
     LifecycleConfig,
     ObjectiveConfig,
+    ShadowConfig,
     SurgeryConfig,
 )
 from .jsonl import CorruptFileError, FileWriteError
@@ -81,6 +82,7 @@ __all__ = [
     "DecisionLog",
     "DecisionRecord",
     "DegradeConfig",
+    "ShadowConfig",
     "EditCandidate",
     "EditError",
     "EditRecord",

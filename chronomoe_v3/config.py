@@ -33,6 +33,7 @@ SPAWN_STRATEGIES = ("clone_and_perturb", "random")
 BIAS_MODES = ("logits", "selection")
 DEGRADE_REFERENCES = ("layer_median", "absolute")
 DEGRADE_BASELINES = ("mid", "slow")
+SHADOW_STORAGES = ("host", "device")
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -144,6 +145,35 @@ class DegradeConfig:
         _check_choice("degrade.reference", self.reference, DEGRADE_REFERENCES)
         _check_number("degrade.z", self.z, 0.0)
         _check_int("degrade.min_observations", self.min_observations, 1)
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    """Shadow copies of the expert weights and the weight-jump detector (ops/shadow.py, docs/objective.md):
+    every `refresh_every` `step()` calls each active slot's expert weights are copied (to `storage`: "host"
+    memory, or the weights' "device"), unless they jumped; at every `step()` the relative distance of the live
+    weights from the copy is estimated by a sketch of `probes` random bilinear probes per weight, and a slot
+    whose distance exceeds `jump_threshold` and `jump_ratio` x the layer's median distance has jumped: it is
+    restored from its copy (a `replace` by its own earlier weights) when the objective predicts a gain. A jump
+    not restored within `accept_steps` training steps is accepted (the copy is refreshed). `enabled=False`
+    turns all of it off (no copy is held)."""
+
+    enabled: bool = True
+    storage: str = "host"
+    probes: int = 16
+    refresh_every: int = 2
+    jump_threshold: float = 0.5
+    jump_ratio: float = 4.0
+    accept_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_bool("shadow.enabled", self.enabled)
+        _check_choice("shadow.storage", self.storage, SHADOW_STORAGES)
+        _check_int("shadow.probes", self.probes, 1, 1024)
+        _check_int("shadow.refresh_every", self.refresh_every, 1)
+        _check_number("shadow.jump_threshold", self.jump_threshold, 0.0)
+        _check_number("shadow.jump_ratio", self.jump_ratio, 1.0)
+        _check_int("shadow.accept_steps", self.accept_steps, 0)
 
 
 @dataclass(frozen=True)
@@ -355,6 +385,7 @@ class BasinConfig:
 _SECTIONS: dict[str, type] = {
     "coherence": CoherenceConfig,
     "degrade": DegradeConfig,
+    "shadow": ShadowConfig,
     "bias": BiasConfig,
     "bridge": BridgeConfig,
     "mid": MidClockConfig,
@@ -373,6 +404,7 @@ class ChronoConfig:
 
     coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
     bias: BiasConfig = field(default_factory=BiasConfig)
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     mid: MidClockConfig = field(default_factory=MidClockConfig)

@@ -72,7 +72,7 @@ from .lifecycle.objective import LayerDecision, free_energy
 from .observe.bimodality import draw_permutation
 from .observe.observer import LayerObserver, Measurement
 from .observe.tokens import TokenBasins
-from .ops import ExpertRegistry, OptimizerSurgery, snapshot_slots
+from .ops import ExpertRegistry, OptimizerSurgery, ShadowBank, snapshot_slots
 from .runlog import (
     BASIN_TOP_TOKENS,
     DECISIONS_FILE,
@@ -91,6 +91,7 @@ from .view import LayerView
 STATE_FORMAT = 2
 LIFECYCLE_DECISIONS_FILE = DECISIONS_FILE
 BUILTIN = "builtin"  # the default controller: the v2 lens controller driving a LogitLens per layer
+SHADOW_SEED_OFFSET = 7919  # the shadow probes' generator: seed + this, apart from the system's own draws
 LOSS_HISTORY = 64  # (step, loss) readings kept for the audits
 AUDIT_HISTORY = 1000  # audit verdicts kept in memory (`audit_log`); the run directory's audits.jsonl keeps all
 
@@ -336,6 +337,15 @@ class ChronoSystem:
                 adapter.set_logit_lens(lens.to(banks.active_mask.device))
                 self.lenses[i] = lens
         self.registry = ExpertRegistry([b.active_mask.detach().cpu() for b in self.banks], self.config)
+        # Shadow copies of the expert weights (ops/shadow.py): probes from their own generator, so that the
+        # system's draws (perturbations, samples) are the same with or without them.
+        sc = self.config.shadow
+        probe_gen = torch.Generator().manual_seed(seed + SHADOW_SEED_OFFSET)
+        self.shadows: list[ShadowBank | None] = [
+            ShadowBank(b.experts, probes=sc.probes, storage=sc.storage, generator=probe_gen) if sc.enabled else None
+            for b in self.banks
+        ]
+        self._jumps: dict[int, tuple[Tensor, Tensor]] = {}  # per layer at this step(): (jumped, drift) on the host
         self.num_slots = max(b.num_slots for b in self.banks)
         self.counter = TokenCounter(len(self.layers), self.num_slots, device=self.device)
         self.alert_history = AlertHistory()
@@ -594,9 +604,14 @@ class ChronoSystem:
         records = [self.registry.expert_at(i, s) for s in range(e)]
         age = torch.tensor([0 if r is None else max(self.global_step - r.born_step, 0) for r in records])
         alerts = [a.kind for a in snapshot.alerts_for(i)] if snapshot is not None else []
-        return self.observers[i].view(
+        view = self.observers[i].view(
             i, self.banks[i].active_mask, cooling, alerts, self.pressure.get(i, 0.0), age=age
         )
+        shadow = self.shadows[i]
+        if shadow is None or i not in self._jumps:
+            return view
+        jumped, drift = self._jumps[i]
+        return replace(view, jumped=jumped & (shadow.taken >= 0), drift=drift, shadow_step=shadow.taken.clone())
 
     def emergency_flags(self, snapshot: SystemSnapshot | None) -> dict[int, str]:
         """Layers with an emergency and why: degrading experts (`CoherenceState.degrading`) or COLLAPSE_CONFIRMED."""
@@ -609,6 +624,8 @@ class ChronoSystem:
             degrading = obs.coherence.degrading(self.banks[i].active_mask).detach().cpu()
             if bool(degrading.any()):
                 why.append(f"degrading experts {degrading.nonzero().flatten().tolist()}")
+            if i in self._jumps and bool(self._jumps[i][0].any()):
+                why.append(f"weights jumped in slots {self._jumps[i][0].nonzero().flatten().tolist()}")
             if i in alerts:
                 why.append("COLLAPSE_CONFIRMED alert")
             if why:
@@ -721,6 +738,7 @@ class ChronoSystem:
                     bias.update(obs.coherence.phi_slow, self.banks[i].active_mask)
             self.registry.advance(step)
         actions = self._close_audits(step)
+        self._check_jumps()
         emergency = self.emergency_flags(snapshot)
         decisions: list[LayerDecision] = []
         if review_due or emergency:
@@ -731,6 +749,7 @@ class ChronoSystem:
                 share = torch.nan_to_num(obs.coherence.share_clocks[2], nan=0.0).clamp_min(0.0)
                 self.registry.record_basin(i, share, obs.coherence.phi_slow)
                 obs.start_window()
+        self._refresh_shadows(step)
         readings = self.readings()
         layers = [self._layer_record(i, readings[i], snapshot, window_masks[i]) for i in range(len(self.layers))]
         metrics: dict[str, float] = {"chronomoe/step": float(step), "chronomoe/edits": float(len(actions))}
@@ -801,7 +820,37 @@ class ChronoSystem:
         return out
 
     def _parts(self, i: int) -> LayerParts:
-        return LayerParts(self.banks[i], self.observers[i], self.biases[i], self._selection_biases(i))
+        return LayerParts(self.banks[i], self.observers[i], self.biases[i], self._selection_biases(i), self.shadows[i])
+
+    def _check_jumps(self) -> None:
+        """Per layer, the experts whose weights jumped away from their shadow copy (ops/shadow.py)."""
+        sc = self.config.shadow
+        self._jumps = {}
+        for i, shadow in enumerate(self.shadows):
+            if shadow is None:
+                continue
+            drift = shadow.drift()
+            jumped = shadow.jumped(drift, self.banks[i].active_mask, threshold=sc.jump_threshold,
+                                   ratio=sc.jump_ratio, step=self.global_step).cpu()
+            # a newborn (cooling) expert moves fast while it learns its tokens: not a jump
+            cooling = torch.tensor([self.registry.slot_state(i, s) == "cooling" for s in range(shadow.num_slots)])
+            self._jumps[i] = (jumped & ~cooling, drift.cpu())
+
+    def _refresh_shadows(self, step: int) -> None:
+        """Every `shadow.refresh_every` step() calls: copy the active experts' weights, except those that jumped
+        (they keep their pre-jump copy until restored, or until the jump is `accept_steps` old)."""
+        sc = self.config.shadow
+        if self.step_calls % sc.refresh_every != 0:
+            return
+        for i, shadow in enumerate(self.shadows):
+            if shadow is None:
+                continue
+            keep = self.banks[i].active_mask.detach().cpu().clone()
+            if i in self._jumps:
+                jumped = self._jumps[i][0] & (shadow.taken >= 0)  # a slot an edit rewrote since is no jump
+                stale = step - shadow.taken > sc.accept_steps
+                keep &= ~jumped | stale
+            shadow.refresh(keep, step)
 
     def close(self) -> list[AuditRecord]:
         """End of training: judge the edits still under audit on the window they had (verdict `partial`, logged
@@ -971,6 +1020,7 @@ class ChronoSystem:
             "audit_log": [r.to_dict() for r in self.audit_log],
             "barred": [[layer, action, until] for (layer, action), until in self.barred.items()],
             "pressure": {str(i): p for i, p in self.pressure.items()},
+            "shadows": [None if sh is None else sh.state_dict() for sh in self.shadows],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1043,6 +1093,13 @@ class ChronoSystem:
         if surgery_state is not None and self.surgery is not None:
             probe = copy.copy(self.surgery)
             probe.load_state_dict(surgery_state)  # validates before anything below changes
+        shadow_states = state.get("shadows")  # absent in checkpoints from before the shadow copies
+        if shadow_states is not None:
+            if len(shadow_states) != len(self.shadows):
+                raise ValueError(f"saved state has {len(shadow_states)} shadow banks; expected {len(self.shadows)}")
+            for sh, saved_sh in zip(self.shadows, shadow_states, strict=True):
+                if sh is not None and saved_sh is not None:
+                    sh.check_state_dict(saved_sh)  # validates before anything changes
         # ---- commit (nothing below can fail on a validated state)
         for obs, new in zip(self.observers, new_observers, strict=True):
             if new.tokens is not None:
@@ -1072,3 +1129,7 @@ class ChronoSystem:
             self.surgery.load_state_dict(surgery_state)
         else:
             self._surgery_state = surgery_state
+        if shadow_states is not None:
+            for sh, saved_sh in zip(self.shadows, shadow_states, strict=True):
+                if sh is not None and saved_sh is not None:
+                    sh.load_state_dict(saved_sh)

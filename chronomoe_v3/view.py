@@ -32,7 +32,9 @@ class LayerView:
     this review (PRE_COLLAPSE, COLLAPSE_CONFIRMED). pressure: the mid clock's redistribution pressure on the
     layer (0 without a mid clock): a layer under pressure is still being rebalanced. age [E] (optional):
     training steps since the expert in each slot was born (0 for a free slot); a removal needs its own
-    history, not an inherited one.
+    history, not an inherited one. jumped [E] bool (optional): the expert's weights jumped away from its shadow
+    copy (ops/shadow.py), restorable from it; drift [E] (optional): the estimated relative distance of its
+    weights from that copy; shadow_step [E] (optional): the training step the copy was taken at (-1: none).
     """
 
     layer_id: int
@@ -53,6 +55,9 @@ class LayerView:
     alerts: tuple[str, ...] = ()
     pressure: float = 0.0
     age: Tensor | None = None
+    jumped: Tensor | None = None
+    drift: Tensor | None = None
+    shadow_step: Tensor | None = None
 
     @property
     def num_slots(self) -> int:
@@ -78,12 +83,14 @@ class LayerView:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (2, e):
                 raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected (2, {e})")
-        for name in ("evidence", "phi_fast", "degrading", "age"):
+        for name in ("evidence", "phi_fast", "degrading", "age", "jumped", "drift", "shadow_step"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (e,):
                 raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected ({e},)")
-        if self.degrading is not None and self.degrading.dtype != torch.bool:
-            raise ValueError(f"LayerView.degrading has dtype {self.degrading.dtype}; expected torch.bool")
+        for name in ("degrading", "jumped"):
+            t = getattr(self, name)
+            if t is not None and t.dtype != torch.bool:
+                raise ValueError(f"LayerView.{name} has dtype {t.dtype}; expected torch.bool")
         s = float(self.starvation)
         if not 0.0 <= s <= 1.0:
             raise ValueError(f"LayerView.starvation={s!r} is invalid: expected a fraction in [0, 1]")
@@ -115,4 +122,7 @@ class LayerView:
             alerts=tuple(str(a) for a in self.alerts),
             pressure=float(self.pressure),
             age=None if self.age is None else self.age.detach().cpu().to(torch.int64),
+            jumped=None if self.jumped is None else self.jumped.detach().cpu(),
+            drift=None if self.drift is None else f(self.drift),
+            shadow_step=None if self.shadow_step is None else self.shadow_step.detach().cpu().to(torch.int64),
         )

@@ -232,8 +232,11 @@ def _run(layer: ChronoMoELayer, system: ChronoSystem, opt: torch.optim.Optimizer
 
 
 def test_a_damaged_expert_is_flagged_and_replaced() -> None:
+    # Without shadow copies (ops/shadow.py: with them, the expert gets its own earlier weights back; tests/
+    # test_shadow.py), the coherence flag replaces it by a perturbed copy of a neighbour.
     layer, centres, targets = _regression_layer()
-    system = ChronoSystem(layer, config=CFG, run_id="damage")
+    no_shadow = replace(CFG, shadow=replace(CFG.shadow, enabled=False))
+    system = ChronoSystem(layer, config=no_shadow, run_id="damage")
     opt = torch.optim.Adam(layer.parameters(), lr=2e-3)  # slow enough that gradients do not repair it at once
     system.attach_optimizer(opt)
     _run(layer, system, opt, centres, targets, range(300))

@@ -48,10 +48,12 @@ from ..ops import (
     EditRecord,
     ExpertRegistry,
     OptimizerSurgery,
+    ShadowBank,
     SlotSnapshot,
     merge,
     prune,
     replace,
+    restore_own,
     revert,
     spawn,
     split,
@@ -83,12 +85,14 @@ class LifecycleAction:
 class LayerParts:
     """What an edit of one layer touches besides the registry: its weights (`banks`), its fast state
     (`observer`), and its router-side per-slot state (the slow bias; selection biases: an aux-loss-free
-    balancer's bias, the mid clock's `LogitLens` offset)."""
+    balancer's bias, the mid clock's `LogitLens` offset), and the shadow copies of its experts (`shadow`: what a
+    replacement of an expert by its own earlier weights reads; slots an edit rewrites are forgotten there)."""
 
     banks: LayerBanks
     observer: LayerObserver
     bias: SlowBias | None = None
     selection_biases: tuple[Tensor, ...] = ()
+    shadow: ShadowBank | None = None
 
 
 def review(
@@ -181,6 +185,15 @@ def apply_edit(
             registry, banks, layer, step=step, parent=clone, strategy=strategy, generator=generator,
             optimizer=surgery,
         )
+    elif edit.action == "replace" and edit.partner_id == edit.expert_id:  # its own earlier weights
+        assert edit.expert_id is not None
+        if parts.shadow is None:
+            raise EditError(
+                f"restore of slot {edit.expert_id} (layer {layer}) needs the layer's shadow copies; got none"
+            )
+        record = restore_own(
+            registry, banks, layer, edit.expert_id, parts.shadow.weights(edit.expert_id), step=step, optimizer=surgery
+        )
     elif edit.action == "replace":
         assert edit.expert_id is not None and edit.partner_id is not None
         record = replace(
@@ -196,6 +209,8 @@ def apply_edit(
         for selection_bias in parts.selection_biases:
             reset_expert_bias(selection_bias, banks.active_mask, record.fresh_slots, record.parked_slots, sibling)
     parts.observer.on_edit(record)
+    if parts.shadow is not None:  # rewritten slots: their copy no longer describes them
+        parts.shadow.forget(record.slots)
     return record
 
 
@@ -265,6 +280,8 @@ def roll_back(
             with torch.no_grad():
                 t[slots] = torch.tensor(saved, dtype=t.dtype, device=t.device)
     parts.observer.on_edit(record)
+    if parts.shadow is not None:  # rewritten slots: their copy no longer describes them
+        parts.shadow.forget(record.slots)
     return record
 
 

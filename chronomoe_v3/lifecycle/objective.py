@@ -55,6 +55,9 @@ look-alike experts are the router's doing, and starvation is not decoherence.
 - REPLACE a degrading judged expert (fast phi fell away from its baseline, or its identity broke) by a
   perturbed copy of the expert the router finds most interchangeable with it, keeping its router row: its
   share is predicted to be served at the donor's phi_slow instead of its own phi_fast. Not in a
+  concentrated layer. An expert whose weights *jumped* (ops/shadow.py: far from its shadow copy, several times
+  further than its peers) is instead replaced by that copy, its own weights from before the jump: its share is
+  predicted to be served at its own phi_slow (its pre-jump coherence) instead of its phi_fast; allowed in a
   concentrated layer.
 Removing edits need `N - 1 >= min_experts_per_layer`; adding edits need `N + 1 <= max_experts_per_layer`
 and a free slot. An edit is executed only when its predicted delta_F < -min_improvement; every executed edit
@@ -301,6 +304,8 @@ def _layer(view: LayerView, config: ChronoConfig) -> _Layer:
     if view.evidence is not None:
         judged = judged & (view.evidence >= params.min_evidence_tokens)
     degrading = view.degrading if view.degrading is not None else torch.zeros_like(view.active)
+    if view.jumped is not None:  # weights that jumped are repaired first, never judged on their readings
+        degrading = degrading | view.jumped
     removable = judged.clone()
     if view.age is not None:
         removable = removable & (view.age >= params.min_age_to_remove)
@@ -435,16 +440,44 @@ def propose_spawn(view: LayerView, config: ChronoConfig, layer: _Layer | None = 
     )]
 
 
+def _propose_restore(L: _Layer) -> list[EditCandidate]:
+    """REPLACE an expert whose weights jumped by its own shadow copy, taken before the jump: its tokens are
+    predicted to be served again at its pre-jump (slow) coherence instead of its fast one."""
+    v = L.view
+    if v.jumped is None or v.phi_fast is None or v.shadow_step is None:
+        return []
+    candidates = v.jumped & L.judged & (v.shadow_step >= 0) & torch.isfinite(v.phi_fast)
+    if not bool(candidates.any()):
+        return []
+    drift = v.drift if v.drift is not None else torch.zeros(v.num_slots, dtype=torch.float64)
+    e = int(torch.where(candidates, torch.nan_to_num(drift, nan=0.0), -1.0).argmax())
+    phi_e, phi_base = float(v.phi_fast[e]), float(v.phi_slow[e])
+    misfit = L.served * float(L.shares[e]) * (phi_e - phi_base)
+    return [EditCandidate(
+        "replace", v.layer_id, e, L.f_before, FreeEnergy(misfit, 0.0, 0.0, 0.0),
+        f"L{v.layer_id} E{e}: weights jumped (relative distance {float(drift[e]):.2f} from its copy of step "
+        f"{int(v.shadow_step[e])}; phi_fast={phi_e:.3f}, phi_slow={phi_base:.3f}) while carrying share "
+        f"{float(L.shares[e]):.3f}; restored from that copy, keeping its router row",
+        partner_id=e,
+    )]
+
+
 def propose_replace(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
-    """REPLACE a degrading expert that still carries traffic (its fast coherence broke away from its layer:
-    damaged weights, a bad update) with a perturbed copy of the expert the router finds most interchangeable
-    with it, keeping its router row: its tokens are predicted to be served at the donor's coherence instead of
-    its own (fast) one."""
+    """REPLACE a degrading expert that still carries traffic. An expert whose weights jumped is restored from
+    its own shadow copy (`partner_id == expert_id`; allowed in a concentrated layer: a jump is not a reading in
+    flux). Otherwise (its fast coherence broke away from its layer: damaged weights, a bad update) it gets a
+    perturbed copy of the expert the router finds most interchangeable with it, keeping its router row: its
+    tokens are predicted to be served at the donor's coherence instead of its own (fast) one."""
     L = layer if layer is not None else _layer(view, config)
+    restore = _propose_restore(L)
+    if restore:
+        return restore
     v = L.view
     if v.phi_fast is None or not bool(L.degrading.any()) or L.concentrated:
         return []  # in a layer being rebalanced, coherence is in flux: repairs wait
     candidates = L.degrading & L.judged & torch.isfinite(v.phi_fast)
+    if v.jumped is not None:
+        candidates = candidates & ~v.jumped  # waits for its own copy
     if not bool(candidates.any()):
         return []
     e = int(torch.where(candidates, v.phi_fast, float("inf")).argmin())

@@ -4,8 +4,9 @@ from .merge import merge
 from .prune import prune, restore
 from .record import EditError, EditRecord
 from .registry import ExpertRecord, ExpertRegistry
-from .replace import replace
+from .replace import replace, restore_own
 from .revert import SlotSnapshot, revert, snapshot_slots
+from .shadow import ShadowBank
 from .spawn import spawn
 from .split import split
 from .surgery import OptimizerSurgery, adam_first_step_seed, reset_slot_state
@@ -23,6 +24,8 @@ __all__ = [
     "replace",
     "reset_slot_state",
     "restore",
+    "restore_own",
+    "ShadowBank",
     "revert",
     "snapshot_slots",
     "spawn",

@@ -8,7 +8,10 @@ at once instead of waiting for gradient descent to repair noise. The old expert 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+from torch import Tensor
 
 from ..adapters import LayerBanks
 from .common import check_edit, check_finite_weights, check_scale, fill_slot, finish, read_parked, relative_noise
@@ -50,5 +53,38 @@ def replace(
     record = EditRecord(
         kind="replace", layer=layer, step=step, born_ids=(born.expert_id,), ended_ids=(victim.expert_id,),
         parent_id=donor.expert_id, fresh_slots=(slot,),
+    )
+    return finish(record, banks, optimizer)
+
+
+def restore_own(
+    registry: ExpertRegistry,
+    banks: LayerBanks,
+    layer: int,
+    slot: int,
+    weights: Mapping[str, Tensor],
+    *,
+    step: int,
+    optimizer: OptimizerSurgery | None = None,
+) -> EditRecord:
+    """Replace the expert in `slot` by its own earlier weights `weights` (its shadow copy, `ops/shadow.py`):
+    the response to an expert whose weights jumped. Archived and reborn like `replace` (origin `replace`,
+    parent = the expert it was), router row kept, fresh optimiser state."""
+    check_edit(registry, banks, layer, step, optimizer)
+    victim = registry.live_record(layer, slot)
+    parked = read_parked(banks, slot)
+    new = {"experts": {name: w.clone() for name, w in weights.items()}, "router": parked["router"]}
+    if set(new["experts"]) != set(parked["experts"]):
+        raise EditError(
+            f"restore of slot {slot} (layer {layer}) got weights {sorted(new['experts'])}; expected "
+            f"{sorted(parked['experts'])}"
+        )
+    check_finite_weights(f"restore of slot {slot} (layer {layer}) from its shadow copy", new)
+    fill_slot(banks, slot, new)
+    registry.retire(layer, slot, step, ended_by="replace", parked=parked)
+    born = registry.birth(layer, slot, step, origin="replace", parent_id=victim.expert_id)
+    record = EditRecord(
+        kind="replace", layer=layer, step=step, born_ids=(born.expert_id,), ended_ids=(victim.expert_id,),
+        parent_id=victim.expert_id, fresh_slots=(slot,),
     )
     return finish(record, banks, optimizer)
