@@ -346,6 +346,7 @@ class ChronoSystem:
             for b in self.banks
         ]
         self._jumps: dict[int, tuple[Tensor, Tensor]] = {}  # per layer at this step(): (jumped, drift) on the host
+        self._live: dict[int, Tensor] = {}  # per layer at this step(): the live sketch, until an edit changes weights
         self.num_slots = max(b.num_slots for b in self.banks)
         self.counter = TokenCounter(len(self.layers), self.num_slots, device=self.device)
         self.alert_history = AlertHistory()
@@ -826,10 +827,13 @@ class ChronoSystem:
         """Per layer, the experts whose weights jumped away from their shadow copy (ops/shadow.py)."""
         sc = self.config.shadow
         self._jumps = {}
+        self._live = {}
         for i, shadow in enumerate(self.shadows):
             if shadow is None:
                 continue
-            drift = shadow.drift()
+            live = shadow.live_sketch()
+            self._live[i] = live
+            drift = shadow.drift(live)
             jumped = shadow.jumped(drift, self.banks[i].active_mask, threshold=sc.jump_threshold,
                                    ratio=sc.jump_ratio, step=self.global_step).cpu()
             # a newborn (cooling) expert moves fast while it learns its tokens: not a jump
@@ -850,7 +854,7 @@ class ChronoSystem:
                 jumped = self._jumps[i][0] & (shadow.taken >= 0)  # a slot an edit rewrote since is no jump
                 stale = step - shadow.taken > sc.accept_steps
                 keep &= ~jumped | stale
-            shadow.refresh(keep, step)
+            shadow.refresh(keep, step, self._live.get(i))
 
     def close(self) -> list[AuditRecord]:
         """End of training: judge the edits still under audit on the window they had (verdict `partial`, logged
@@ -952,6 +956,7 @@ class ChronoSystem:
             router_before = router_state(parts, touched)
             record = apply_edit(edit, parts, self.registry, views[i], step=step, generator=self.generator,
                                 surgery=self.surgery)
+            self._live.pop(i, None)  # its weights changed: the refresh sketches them anew
             self.last_edit_step[i] = step
             rec = decision_record(d, step=step, run_id=self.run_id, trigger=trigger, slot_ids=slot_ids,
                                   readings=readings, record=record)

@@ -248,3 +248,42 @@ def test_config_round_trip_has_the_shadow_section() -> None:
     c = replace(ChronoConfig(), shadow=ShadowConfig(refresh_every=3, storage="device"))
     assert ChronoConfig.from_dict(c.to_dict()) == c and c.diff(ChronoConfig()) == ["shadow.refresh_every",
                                                                                    "shadow.storage"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host copies, non-blocking writes)")
+def test_restore_on_cuda_with_pinned_host_copies() -> None:
+    from test_lifecycle_scenarios import CFG, _edits, _regression_layer
+
+    from chronomoe_v3 import ChronoSystem
+
+    layer, centres, targets = _regression_layer()
+    layer, centres, targets = layer.cuda(), centres.cuda(), targets.cuda()
+    system = ChronoSystem(layer, config=CFG, run_id="restore-cuda", compile_observers=False)
+    opt = torch.optim.Adam(layer.parameters(), lr=2e-3)
+    system.attach_optimizer(opt)
+
+    def run(steps: range) -> None:
+        for step in steps:
+            g = torch.Generator().manual_seed(step)
+            idx = torch.randint(0, 4, (64,), generator=g)
+            x = centres[idx] + 0.3 * torch.randn(len(idx), centres.shape[1], generator=g).cuda()
+            loss = (layer(x) - targets[idx]).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            system.step(loss=float(loss.detach()))
+
+    run(range(300))
+    shadow = system.shadows[0]
+    assert shadow is not None and all(c.is_pinned() for c in shadow._copies)
+    copy = shadow.weights(2)
+    assert copy["w_gate"].device.type == "cuda"
+    state = system.state_dict()  # waits for in-flight copies before reading them
+    assert all(c.device.type == "cpu" for c in state["shadows"][0]["copies"])
+    with torch.no_grad():
+        for p in (layer.w_gate, layer.w_up, layer.w_down):
+            noise = torch.randn_like(p[2])
+            p[2].copy_(noise * p[2].norm() / noise.norm())
+    run(range(300, 320))
+    edits = _edits(system)
+    assert edits and edits[0].expert_id == "L0_E2" and "weights jumped" in (edits[0].reason or "")
