@@ -16,7 +16,7 @@ from torch import Tensor
 from ..adapters import LayerBanks
 from .common import check_edit, check_finite_weights, check_scale, fill_slot, finish, read_parked, relative_noise
 from .record import EditError, EditRecord
-from .registry import ExpertRegistry
+from .registry import ExpertRegistry, Parked
 from .surgery import OptimizerSurgery
 
 
@@ -45,14 +45,24 @@ def replace(
     experts = banks.experts.read(source)
     for name, delta in relative_noise(experts, scale, generator).items():
         experts[name] += delta
-    new = {"experts": experts, "router": parked["router"]}
-    check_finite_weights(f"replace of slot {slot} (layer {layer}) by slot {source}", new)
+    what = f"replace of slot {slot} (layer {layer}) by slot {source}"
+    return _swap_in(registry, banks, layer, slot, experts, parked, donor.expert_id, what, step, optimizer)
+
+
+def _swap_in(
+    registry: ExpertRegistry, banks: LayerBanks, layer: int, slot: int, experts: Mapping[str, Tensor],
+    parked: Parked, parent_id: str, what: str, step: int, optimizer: OptimizerSurgery | None,
+) -> EditRecord:
+    """Write `experts` into `slot` (router row kept), archive the old expert, and birth the new one."""
+    victim = registry.live_record(layer, slot)
+    new = {"experts": dict(experts), "router": parked["router"]}
+    check_finite_weights(what, new)
     fill_slot(banks, slot, new)
     registry.retire(layer, slot, step, ended_by="replace", parked=parked)
-    born = registry.birth(layer, slot, step, origin="replace", parent_id=donor.expert_id)
+    born = registry.birth(layer, slot, step, origin="replace", parent_id=parent_id)
     record = EditRecord(
         kind="replace", layer=layer, step=step, born_ids=(born.expert_id,), ended_ids=(victim.expert_id,),
-        parent_id=donor.expert_id, fresh_slots=(slot,),
+        parent_id=parent_id, fresh_slots=(slot,),
     )
     return finish(record, banks, optimizer)
 
@@ -73,18 +83,11 @@ def restore_own(
     check_edit(registry, banks, layer, step, optimizer)
     victim = registry.live_record(layer, slot)
     parked = read_parked(banks, slot)
-    new = {"experts": {name: w.clone() for name, w in weights.items()}, "router": parked["router"]}
-    if set(new["experts"]) != set(parked["experts"]):
+    experts = {name: w.clone() for name, w in weights.items()}
+    if set(experts) != set(parked["experts"]):
         raise EditError(
-            f"restore of slot {slot} (layer {layer}) got weights {sorted(new['experts'])}; expected "
+            f"restore of slot {slot} (layer {layer}) got weights {sorted(experts)}; expected "
             f"{sorted(parked['experts'])}"
         )
-    check_finite_weights(f"restore of slot {slot} (layer {layer}) from its shadow copy", new)
-    fill_slot(banks, slot, new)
-    registry.retire(layer, slot, step, ended_by="replace", parked=parked)
-    born = registry.birth(layer, slot, step, origin="replace", parent_id=victim.expert_id)
-    record = EditRecord(
-        kind="replace", layer=layer, step=step, born_ids=(born.expert_id,), ended_ids=(victim.expert_id,),
-        parent_id=victim.expert_id, fresh_slots=(slot,),
-    )
-    return finish(record, banks, optimizer)
+    what = f"restore of slot {slot} (layer {layer}) from its shadow copy"
+    return _swap_in(registry, banks, layer, slot, experts, parked, victim.expert_id, what, step, optimizer)
