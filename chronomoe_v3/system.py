@@ -601,7 +601,7 @@ class ChronoSystem:
         """What the slow objective reads for layer i (on the host), with the alerts `snapshot` raised on it and
         the mid clock's last pressure on it."""
         e = self.banks[i].num_slots
-        cooling = torch.tensor([self.registry.slot_state(i, s) == "cooling" for s in range(e)], dtype=torch.bool)
+        cooling = self._cooling(i)
         records = [self.registry.expert_at(i, s) for s in range(e)]
         age = torch.tensor([0 if r is None else max(self.global_step - r.born_step, 0) for r in records])
         alerts = [a.kind for a in snapshot.alerts_for(i)] if snapshot is not None else []
@@ -613,6 +613,11 @@ class ChronoSystem:
             return view
         jumped, drift = self._jumps[i]
         return replace(view, jumped=jumped & (shadow.taken >= 0), drift=drift, shadow_step=shadow.taken.clone())
+
+    def _cooling(self, i: int) -> Tensor:
+        """[E] bool on the host: layer i's slots holding a newborn expert not yet judged."""
+        slots = range(self.banks[i].num_slots)
+        return torch.tensor([self.registry.slot_state(i, s) == "cooling" for s in slots], dtype=torch.bool)
 
     def emergency_flags(self, snapshot: SystemSnapshot | None) -> dict[int, str]:
         """Layers with an emergency and why: degrading experts (`CoherenceState.degrading`) or COLLAPSE_CONFIRMED."""
@@ -837,8 +842,7 @@ class ChronoSystem:
             jumped = shadow.jumped(drift, self.banks[i].active_mask, threshold=sc.jump_threshold,
                                    ratio=sc.jump_ratio, step=self.global_step).cpu()
             # a newborn (cooling) expert moves fast while it learns its tokens: not a jump
-            cooling = torch.tensor([self.registry.slot_state(i, s) == "cooling" for s in range(shadow.num_slots)])
-            self._jumps[i] = (jumped & ~cooling, drift.cpu())
+            self._jumps[i] = (jumped & ~self._cooling(i), drift.cpu())
 
     def _refresh_shadows(self, step: int) -> None:
         """Every `shadow.refresh_every` step() calls: copy the active experts' weights, except those that jumped
