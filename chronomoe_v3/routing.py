@@ -15,9 +15,10 @@ two routings) feeds the fast/mid clock retentions, and the Jaccard index of the 
 sets is a secondary trigger. `route_with_bias` does routing, detector and veto in one call, for any router.
 
 Choices (docs/slow_bias.md):
-- The support ratio is computed in log space, `exp(min(0, log p_clean - log p_biased))`: the `eps -> 0`
-  limit of SPEC's `p_clean / (p_biased + eps)`, exact (1 when beta is 0, so a zero beta changes nothing)
-  and free of underflow for experts with tiny probabilities.
+- The support ratio is computed from the bias itself, `log(p_clean(e) / p_biased(e)) = log(Z_biased /
+  Z_clean) - delta_e`, with `Z_biased / Z_clean = sum_f p_clean(f) e^delta_f`: the `eps -> 0` limit of SPEC's
+  `p_clean / (p_biased + eps)`, exact (1 when beta is 0, so a zero beta changes nothing), free of underflow
+  for experts with tiny probabilities, and cheaper than two log-softmaxes.
 - Relevance is the mean over real tokens (padding excluded) of the support averaged over the active
   experts *with the biased routing probabilities as weights*. An unweighted mean over experts would give
   the same voice to experts a token never reaches; since `p_clean(e) / p_biased(e) =
@@ -26,7 +27,7 @@ Choices (docs/slow_bias.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -116,7 +117,34 @@ def route_topk(
 
 
 # ---------------------------------------------------------------------- overlap safety
-@dataclass
+def _bias_shift(routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
+    """`(reachable [T,E], delta [T,E], shift [T])` of a biased routing, differentiable.
+
+    `delta = z_biased - z_clean` (the bias each slot got; 0 where a slot is unreachable: masked or
+    non-finite) and `shift = log(sum_f p_clean(f) e^delta_f) - log(sum_f p_clean(f))` = `log(Z_biased /
+    Z_clean)`, so that `log(p_clean(e) / p_biased(e)) = shift - delta_e` for every slot, however small its
+    probabilities (the ratio never divides two tiny numbers). Both sums read the same `p_clean`, so a zero bias
+    gives `shift = 0` exactly. Cheaper than two log-softmaxes: one exp of `[T,E]`, two sums and two logs of `[T]`.
+    """
+    z_clean, z_biased = routing.logits_clean, routing.logits_biased
+    reachable = torch.isfinite(z_clean) & torch.isfinite(z_biased)
+    zero = torch.zeros((), dtype=z_clean.dtype, device=z_clean.device)
+    delta = torch.where(reachable, z_biased - z_clean, zero)  # sanitised first: no NaN in an unused branch
+    p = routing.probs_clean
+    shift = torch.log((p * torch.exp(delta)).sum(-1)) - torch.log(p.sum(-1))
+    return reachable, delta, shift
+
+
+def _support(reachable: Tensor, log_ratio: Tensor) -> Tensor:
+    """`clamp(exp(log_ratio), 0, 1)` where reachable, 1 elsewhere (NaN sanitised before exp, for its gradient)."""
+    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
+    safe = torch.where(reachable & torch.isfinite(log_ratio), torch.minimum(log_ratio, zero), zero)
+    return torch.where(reachable, torch.exp(safe), torch.ones_like(safe))
+
+
+_REPORT_FIELDS = ("support", "overlap_only", "relevance", "jaccard", "jaccard_mean", "topk_index_clean", "gate_support")
+
+
 class BridgeReport:
     """How much of a biased routing the input itself supports, for T tokens over E slots (SPEC 5).
 
@@ -126,74 +154,164 @@ class BridgeReport:
     jaccard `[T]`: |clean top-k ∩ biased top-k| / |clean top-k ∪ biased top-k|; jaccard_mean `[]` over real
     tokens; topk_index_clean `[T,K]`: the top-k the clean logits alone would choose; gate_support `[T,K]`:
     the support of each selected slot (the factor the veto applies, or would apply, to its gate).
-    All device tensors; building the report needs no host sync.
+
+    All device tensors, no host sync. Each field is computed when first read (then kept): a training forward
+    pays for the veto factor `gate_support` alone, and the observer for the scalar `relevance`; the `[T,E]`
+    fields and the clean top-k (the Jaccard index) cost nothing unless someone reads them. Build one with
+    `bridge_report` (or `route_with_bias`); `replace(**fields)` gives a copy with some fields set (a family
+    with its own selection rule supplies its own top-k and Jaccard index).
     """
 
-    support: Tensor
-    overlap_only: Tensor
-    relevance: Tensor
-    jaccard: Tensor
-    jaccard_mean: Tensor
-    topk_index_clean: Tensor
-    gate_support: Tensor
+    def __init__(
+        self,
+        routing: Routing,
+        token_mask: Tensor | None = None,
+        selection_bias: Tensor | None = None,
+        *,
+        shift: tuple[Tensor, Tensor, Tensor] | None = None,
+        **fields: Tensor,
+    ) -> None:
+        t, _ = routing.topk_index.shape
+        if token_mask is not None:
+            if tuple(token_mask.shape) != (t,) or token_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"token_mask has shape {tuple(token_mask.shape)} and dtype {token_mask.dtype}; expected ({t},) bool"
+                )
+        unknown = set(fields) - set(_REPORT_FIELDS)
+        if unknown:
+            raise TypeError(f"BridgeReport got unknown fields {sorted(unknown)}; expected some of {_REPORT_FIELDS}")
+        self._routing = routing
+        self._token_mask = token_mask
+        self._selection_bias = selection_bias
+        self._shift = shift
+        self._values: dict[str, Tensor] = dict(fields)
+
+    # ------------------------------------------------------------------ fields (computed on first read)
+    def _get(self, name: str) -> Tensor:
+        value = self._values.get(name)
+        if value is None:
+            getattr(self, f"_compute_{name}")()
+            value = self._values[name]
+        return value
+
+    @property
+    def support(self) -> Tensor:
+        return self._get("support")
+
+    @property
+    def overlap_only(self) -> Tensor:
+        return self._get("overlap_only")
+
+    @property
+    def relevance(self) -> Tensor:
+        return self._get("relevance")
+
+    @property
+    def jaccard(self) -> Tensor:
+        return self._get("jaccard")
+
+    @property
+    def jaccard_mean(self) -> Tensor:
+        return self._get("jaccard_mean")
+
+    @property
+    def topk_index_clean(self) -> Tensor:
+        return self._get("topk_index_clean")
+
+    @property
+    def gate_support(self) -> Tensor:
+        return self._get("gate_support")
+
+    def _parts(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._shift is None:
+            self._shift = _bias_shift(self._routing)
+        return self._shift
+
+    def _compute_support(self) -> None:
+        reachable, delta, shift = self._parts()
+        self._values["support"] = _support(reachable, shift.unsqueeze(1) - delta)
+
+    def _compute_gate_support(self) -> None:
+        if "support" in self._values:
+            self._values["gate_support"] = self.support.gather(1, self._routing.topk_index)
+            return
+        reachable, delta, shift = self._parts()
+        index = self._routing.topk_index
+        self._values["gate_support"] = _support(reachable.gather(1, index), shift.unsqueeze(1) - delta.gather(1, index))
+
+    def _compute_overlap_only(self) -> None:
+        self._values["overlap_only"] = (self._routing.probs_biased - self._routing.probs_clean).clamp_min(0.0)
+
+    def _usable_weights(self, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Skip rule: a token whose reading is non-finite (NaN/Inf input or logits) is no evidence either way:
+        it is left out of the mean, as padding is. Returns `(weights, safe values, empty)`."""
+        usable = torch.isfinite(values)
+        if self._token_mask is not None:
+            usable = usable & self._token_mask
+        real = usable.to(values.dtype)
+        weights = real / real.sum().clamp_min(1.0)
+        return weights, torch.where(usable, values, torch.ones_like(values)), weights.sum() <= 0
+
+    def _compute_relevance(self) -> None:
+        # sum_e p_biased * support, written as 1 - sum_e p_biased * (1 - support): exactly 1 at beta 0
+        per_token = 1.0 - (self._routing.probs_biased * (1.0 - self.support)).sum(-1)
+        weights, safe, empty = self._usable_weights(per_token)
+        one = torch.ones((), dtype=per_token.dtype, device=per_token.device)
+        self._values["relevance"] = torch.where(empty, one, (weights * safe).sum().clamp(0.0, 1.0))
+
+    def _compute_topk_index_clean(self) -> None:
+        routing, selection = self._routing, self._selection_bias
+        scores = routing.logits_clean if selection is None else routing.logits_clean + selection.float()
+        self._values["topk_index_clean"] = torch.topk(scores, routing.topk_index.shape[1], dim=-1).indices
+
+    def _compute_jaccard(self) -> None:
+        k = self._routing.topk_index.shape[1]
+        clean = self.topk_index_clean
+        inter = (clean.unsqueeze(2) == self._routing.topk_index.unsqueeze(1)).any(-1).sum(-1).float()
+        self._values["jaccard"] = inter / (2 * k - inter)
+
+    def _compute_jaccard_mean(self) -> None:
+        jaccard = self.jaccard
+        weights, safe, empty = self._usable_weights(jaccard)
+        one = torch.ones((), dtype=jaccard.dtype, device=jaccard.device)
+        self._values["jaccard_mean"] = torch.where(empty, one, (weights * safe).sum())
+
+    # ------------------------------------------------------------------ copies
+    def replace(self, **fields: Tensor) -> BridgeReport:
+        """A copy with `fields` set (the others are computed, or kept, as in this one)."""
+        out = BridgeReport(self._routing, self._token_mask, self._selection_bias, shift=self._shift,
+                           **{**self._values, **fields})
+        return out
 
     def detach(self) -> BridgeReport:
-        """A copy cut from the autograd graph (what a trace carries)."""
-        return BridgeReport(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
+        """A copy cut from the autograd graph (what a trace carries): fields computed so far are kept, detached;
+        the rest are computed without a graph when read."""
+        r = self._routing
+        routing = Routing(
+            topk_index=r.topk_index, topk_weight=r.topk_weight.detach(), logits_clean=r.logits_clean.detach(),
+            logits_biased=r.logits_biased.detach(), probs_clean=r.probs_clean.detach(),
+            probs_biased=r.probs_biased.detach(),
+        )
+        shift = None if self._shift is None else tuple(x.detach() for x in self._shift)
+        return BridgeReport(routing, self._token_mask, self._selection_bias, shift=shift,  # type: ignore[arg-type]
+                            **{k: v.detach() for k, v in self._values.items()})
+
+    def __repr__(self) -> str:
+        t, k = self._routing.topk_index.shape
+        return f"BridgeReport(T={t}, K={k}, computed={sorted(self._values)})"
 
 
 def bridge_report(
     routing: Routing, token_mask: Tensor | None = None, selection_bias: Tensor | None = None
 ) -> BridgeReport:
-    """The bridge detector for one routing (its masked clean and biased logits). `token_mask [T]` bool
-    (True = real token) excludes padding from the means; tokens whose routing is non-finite (a NaN/Inf
-    input) are left out the same way (skipped, never averaged in), so relevance is always finite; with no
-    real, finite token, relevance and jaccard_mean read 1 (no evidence of bridging). `selection_bias [E]`:
-    the balancer bias the routing selected with (`route_topk(selection_bias=...)`); the clean top-k it is
-    compared with then includes it too, so the Jaccard index measures beta's effect on the choice alone."""
-    z_clean, z_biased = routing.logits_clean, routing.logits_biased
-    t, k = routing.topk_index.shape
-    if token_mask is not None:
-        if tuple(token_mask.shape) != (t,) or token_mask.dtype != torch.bool:
-            raise ValueError(
-                f"token_mask has shape {tuple(token_mask.shape)} and dtype {token_mask.dtype}; expected ({t},) bool"
-            )
-    reachable = torch.isfinite(z_clean) & torch.isfinite(z_biased)
-    log_ratio = torch.log_softmax(z_clean, -1) - torch.log_softmax(z_biased, -1)  # NaN at masked slots
-    zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
-    # Sanitise before exp, not after: a NaN inside the unused branch of a `where` poisons its gradient.
-    log_ratio = torch.where(reachable, torch.minimum(log_ratio, zero), zero)
-    support = torch.where(reachable, torch.exp(log_ratio), torch.ones_like(log_ratio))
-    p_clean, p_biased = routing.probs_clean, routing.probs_biased
-    overlap_only = (p_biased - p_clean).clamp_min(0.0)
-    # sum_e p_biased * support, written as 1 - sum_e p_biased * (1 - support) so that it is exactly 1 at beta 0
-    per_token = 1.0 - (p_biased * (1.0 - support)).sum(-1)
-    clean_scores = z_clean if selection_bias is None else z_clean + selection_bias.float()
-    topk_clean = torch.topk(clean_scores, k, dim=-1).indices
-    inter = (topk_clean.unsqueeze(2) == routing.topk_index.unsqueeze(1)).any(-1).sum(-1).float()
-    jaccard = inter / (2 * k - inter)
-    # Skip rule: a token whose routing is non-finite (NaN/Inf input or logits) is no evidence either way: it
-    # is left out of both means, as padding is. With no usable token, relevance and jaccard_mean read 1.
-    usable = torch.isfinite(per_token) & torch.isfinite(jaccard)
-    if token_mask is not None:
-        usable = usable & token_mask
-    real = usable.to(per_token.dtype)
-    weights = real / real.sum().clamp_min(1.0)
-    per_token_safe = torch.where(usable, per_token, torch.ones_like(per_token))
-    jaccard_safe = torch.where(usable, jaccard, torch.ones_like(jaccard))
-    empty = weights.sum() <= 0
-    one = torch.ones((), dtype=per_token.dtype, device=per_token.device)
-    relevance = torch.where(empty, one, (weights * per_token_safe).sum().clamp(0.0, 1.0))
-    jaccard_mean = torch.where(empty, one, (weights * jaccard_safe).sum())
-    return BridgeReport(
-        support=support,
-        overlap_only=overlap_only,
-        relevance=relevance,
-        jaccard=jaccard,
-        jaccard_mean=jaccard_mean,
-        topk_index_clean=topk_clean,
-        gate_support=support.gather(1, routing.topk_index),
-    )
+    """The bridge detector for one routing (its masked clean and biased logits and probabilities).
+    `token_mask [T]` bool (True = real token) excludes padding from the means; tokens whose routing is
+    non-finite (a NaN/Inf input) are left out the same way (skipped, never averaged in), so relevance is
+    always finite; with no real, finite token, relevance and jaccard_mean read 1 (no evidence of bridging).
+    `selection_bias [E]`: the balancer bias the routing selected with (`route_topk(selection_bias=...)`); the
+    clean top-k it is compared with then includes it too, so the Jaccard index measures beta's effect on the
+    choice alone. Fields are computed when first read (`BridgeReport`)."""
+    return BridgeReport(routing, token_mask, selection_bias)
 
 
 def apply_veto(topk_weight: Tensor, gate_support: Tensor, renormalize: bool = False) -> Tensor:
@@ -230,4 +348,5 @@ def route_with_bias(
     )
     report = bridge_report(routing, token_mask, selection_bias)
     weight = apply_veto(routing.topk_weight, report.gate_support) if veto else routing.topk_weight
+    # (without the veto nothing is computed here: the trace's observer reads the relevance, without a graph)
     return replace(routing, topk_weight=weight, bridge=report)

@@ -1,7 +1,9 @@
 """The bridge detector (SPEC 5): veto, overlap, relevance, Jaccard; and its wiring into ChronoMoELayer."""
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 
 from chronomoe_v3 import CoherenceState, compute_expert_stats
 from chronomoe_v3.config import BiasConfig, BridgeConfig, ChronoConfig
@@ -163,3 +165,42 @@ def test_veto_off_leaves_the_biased_gates_and_still_reports():
     layer(torch.randn(30, 8))
     trace = seen[-1]
     assert trace.bridge is not None and torch.equal(trace.topk_weight, torch.ones(30, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    e=st.integers(2, 12),
+    scale=st.sampled_from([0.1, 1.0, 10.0, 60.0]),
+    beta_scale=st.sampled_from([0.0, 0.01, 0.5, 3.0]),
+)
+def test_support_equals_the_ratio_of_the_two_softmaxes(seed, e, scale, beta_scale):
+    """The cheap form `log(Z_b / Z_c) - delta_e` agrees with `log_softmax(z_clean) - log_softmax(z_biased)`,
+    also for slots whose probabilities underflow (peaked logits), with masked slots reading 1."""
+    gen = torch.Generator().manual_seed(seed)
+    z = scale * torch.randn(40, e, generator=gen)
+    beta = beta_scale * torch.randn(e, generator=gen)
+    active = torch.rand(e, generator=gen) < 0.8
+    active[0] = True
+    k = min(2, int(active.sum()))
+    routing = route_topk(z, k, active, bias=beta)
+    report = bridge_report(routing)
+    ref = torch.log_softmax(routing.logits_clean.double(), -1) - torch.log_softmax(routing.logits_biased.double(), -1)
+    expected = torch.where(active, ref.clamp_max(0.0).exp(), torch.ones_like(ref)).float()
+    assert torch.allclose(report.support, expected, atol=1e-5, rtol=1e-4)
+    assert torch.equal(report.gate_support, report.support.gather(1, routing.topk_index))
+    assert torch.isfinite(report.relevance) and 0.0 <= report.relevance.item() <= 1.0
+
+
+def test_a_training_forward_computes_only_the_veto_factor():
+    """The per-forward cost: the veto needs `gate_support`; nothing [T,E]-sized or top-k is built until read."""
+    z = torch.randn(16, 6, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    routing = route_with_bias(z, 2, None, torch.tensor([0.5, -0.5, 0.0, 0.2, 0.0, 0.0]))
+    report = routing.bridge
+    assert report is not None and "computed=['gate_support']" in repr(report)
+    trace_copy = report.detach()
+    assert not trace_copy.gate_support.requires_grad and report.gate_support.requires_grad
+    assert 0.0 < trace_copy.relevance.item() <= 1.0 and "'support'" in repr(trace_copy)
+    assert "topk_index_clean" not in repr(trace_copy)
+    routing.topk_weight.sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()

@@ -455,8 +455,8 @@ class SigmoidGroupState(HFMoEState):
             clean = self.select(routing.logits_clean, offset)
             inter = (clean.unsqueeze(2) == index.unsqueeze(1)).any(-1).sum(-1).float()
             jaccard = inter / (2 * self.top_k - inter)
-            bridge = replace(
-                bridge, topk_index_clean=clean, jaccard=jaccard, jaccard_mean=jaccard.mean(),
+            bridge = bridge.replace(
+                topk_index_clean=clean, jaccard=jaccard, jaccard_mean=jaccard.mean(),
                 gate_support=bridge.support.gather(1, index),
             )
         routing = replace(routing, topk_index=index, bridge=bridge)
@@ -487,8 +487,8 @@ class SwitchState(HFMoEState):
         if bridge is not None:
             clean = choose(routing.logits_clean)
             jaccard = (clean == index).float().squeeze(1)
-            bridge = replace(
-                bridge, topk_index_clean=clean, jaccard=jaccard, jaccard_mean=jaccard.mean(),
+            bridge = bridge.replace(
+                topk_index_clean=clean, jaccard=jaccard, jaccard_mean=jaccard.mean(),
                 gate_support=bridge.support.gather(1, index),
             )
         routing = replace(routing, topk_index=index, bridge=bridge)
