@@ -29,9 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -411,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    # Cold compile caches: the first-step stalls are what a fresh machine pays, not a cache hit of an earlier run.
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        os.environ[var] = tempfile.mkdtemp(prefix=f"bench_perf_{var.split('_')[0].lower()}_")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -439,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "command": " ".join(["python", "benchmarks/bench_perf.py", *(sys.argv[1:] if argv is None else argv)]),
         "targets_gpu_overhead_pct": TARGETS,
+        "compile_caches": "cold (fresh inductor and triton cache directories for this run)",
     }
     results: dict[str, Any] = {"shapes": {}}
     for name in names:

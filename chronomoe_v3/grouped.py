@@ -75,6 +75,40 @@ def _grouped_weight_grad_fake(x: Tensor, grad: Tensor, offsets: Tensor) -> Tenso
     return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
 
 
+_NATIVE_FP32_OUT: list[bool] = []  # whether torch._grouped_mm gave an fp32 output here (learnt on first use)
+
+
+@torch.library.custom_op("chronomoe_v3::group_sums", mutates_args=())
+def group_sums(x: Tensor, rows: Tensor, offsets: Tensor) -> Tensor:
+    """`out[e] = x_e^T @ rows_e` in fp32, `[E, C, H]` for `x [N, C]` and `rows [N, H]` grouped by `offsets`
+    (rows past `offsets[-1]` are left out): per-group weighted sums of rows, the observer's per-expert
+    statistics. One grouped product on bf16 CUDA operands (N and H multiples of 8; x padded to 8 columns),
+    where the build gives an fp32 output; otherwise an fp32 `index_add_` per column. Never a host sync."""
+    n, c = x.shape
+    if _native_ok(rows, rows) and n % 8 == 0 and _NATIVE_FP32_OUT != [False]:
+        padded = x.new_zeros(n, 8 * ((c + 7) // 8))
+        padded[:, :c] = x.to(padded.dtype)
+        try:
+            out = torch._grouped_mm(padded.t(), rows.to(padded.dtype), offs=offsets, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a build without fp32 output: remember, and take the other path
+            _NATIVE_FP32_OUT[:] = [False]
+        else:
+            _NATIVE_FP32_OUT[:] = [True]
+            return out[:, :c]
+    e = offsets.shape[0]
+    group = torch.searchsorted(offsets, torch.arange(n, dtype=offsets.dtype, device=offsets.device), right=True)
+    rows_f = rows.float()
+    out = torch.zeros(e + 1, c, rows.shape[1], dtype=torch.float32, device=rows.device)
+    for j in range(c):  # C is a handful of columns, never the experts
+        out[:, j].index_add_(0, group.long(), rows_f * x[:, j : j + 1].float())
+    return out[:e]
+
+
+@group_sums.register_fake
+def _group_sums_fake(x: Tensor, rows: Tensor, offsets: Tensor) -> Tensor:
+    return x.new_empty(offsets.shape[0], x.shape[1], rows.shape[1], dtype=torch.float32)
+
+
 def _setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
     x, w, offsets = inputs
     ctx.save_for_backward(x, w, offsets)

@@ -17,7 +17,7 @@ from .bias import SlowBias
 from .config import BIAS_MODES, ChronoConfig
 from .grouped import grouped_mm
 from .routing import Routing, route_topk, route_with_bias
-from .trace import MoETrace
+from .trace import Dispatch, MoETrace
 
 Observer = Callable[[MoETrace], Any]
 
@@ -223,7 +223,7 @@ class ChronoMoELayer(nn.Module):
         n_active = self.active_mask.sum().clamp_min(1)
         capacity = torch.ceil(self.capacity_factor * t * k / n_active.float())
         flat = topk_index.t().reshape(-1)  # priority order: k-major
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat.to(torch.int32), stable=True)  # int32 keys: half the radix passes on CUDA
         counts = torch.zeros(e, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
         starts = torch.cumsum(counts, 0) - counts
         rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
@@ -288,18 +288,21 @@ class ChronoMoELayer(nn.Module):
             keep = keep & self._capacity_keep(index)
         k, e = self.top_k, self.max_experts
         flat = torch.where(keep, index, torch.full_like(index, e)).reshape(-1)
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat.to(torch.int32), stable=True)  # int32 keys: half the radix passes on CUDA
         counts = torch.zeros(e + 1, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat)
         )
         offsets = torch.cumsum(counts[:e], 0).to(torch.int32)
         rows = hidden.index_select(0, order // k)
         out_sorted = self.expert_forward(rows, offsets)
+        # Dropped slots sort past the last offset, where the grouped product writes zeros: their rows of
+        # `expert_out` are already 0 (and their gradients are never read), so no masking pass is needed.
         expert_out = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted).view(t, k, self.d_model)
-        expert_out = torch.where(keep.unsqueeze(-1), expert_out, torch.zeros((), dtype=expert_out.dtype,
-                                                                                  device=expert_out.device))
         gate = torch.where(keep, weight, torch.zeros_like(weight)).to(expert_out.dtype)
-        mixture = (expert_out * gate.unsqueeze(-1)).sum(1)
+        if expert_out.is_cuda:  # one batched product: no [T, K, H] temporary, forward or backward
+            mixture = torch.bmm(gate.unsqueeze(1), expert_out).squeeze(1)
+        else:  # (the CPU keeps the elementwise form, whose rounding the outcome benchmark's runs were made with)
+            mixture = (expert_out * gate.unsqueeze(-1)).sum(1)
         counting = self.training and not in_backward_recompute()
         if counting and self.tokens_per_expert is not None:
             self.tokens_per_expert.add_(counts[:e].to(self.tokens_per_expert.dtype))
@@ -328,6 +331,7 @@ class ChronoMoELayer(nn.Module):
                 layer_id=self.layer_id,
                 bridge=routing.bridge.detach() if routing.bridge is not None else None,
                 router_input=router_input,
+                dispatch=Dispatch(order, offsets, out_sorted.detach()),
             )
             for fn in self._observers.values():
                 fn(trace)

@@ -46,6 +46,8 @@ class Routing:
     probs_clean: Tensor  # [T, E] softmax of the masked clean logits
     probs_biased: Tensor  # [T, E] softmax of the masked biased logits
     bridge: BridgeReport | None = None  # overlap safety of the bias (set by `route_with_bias`)
+    # `bias_shift(...)` of a biased routing (reachable, delta, log(Z_b/Z_c)), reused by its bridge report
+    shift: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def mask_logits(logits: Tensor, active_mask: Tensor | None) -> Tensor:
@@ -94,12 +96,18 @@ def route_topk(
                 raise ValueError(f"{name} holds non-finite values; expected finite {name}")
     z = logits.float()
     z_clean = mask_logits(z, active_mask)
+    p_clean = torch.softmax(z_clean, dim=-1)
+    shift: tuple[Tensor, Tensor, Tensor] | None = None
     if bias is not None:
         z_biased = mask_logits(z + bias.float(), active_mask)
+        # p_biased = softmax(z_biased) = p_clean e^(delta - log(Z_b / Z_c)): three elementwise passes instead of
+        # a second softmax (and its backward), exactly p_clean at a zero bias (`bias_shift`)
+        shift = bias_shift(z_clean, z_biased, p_clean)
+        _, delta, log_ratio = shift
+        p_biased = p_clean * torch.exp(delta - log_ratio.unsqueeze(1))
     else:
         z_biased = z_clean
-    p_clean = torch.softmax(z_clean, dim=-1)
-    p_biased = torch.softmax(z_biased, dim=-1) if bias is not None else p_clean
+        p_biased = p_clean
     scores = z_biased if selection_bias is None else z_biased + selection_bias.float()
     _, index = torch.topk(scores, top_k, dim=-1)
     source = p_biased if mode == "logits" else p_clean
@@ -113,12 +121,14 @@ def route_topk(
         logits_biased=z_biased,
         probs_clean=p_clean,
         probs_biased=p_biased,
+        shift=shift,
     )
 
 
 # ---------------------------------------------------------------------- overlap safety
-def _bias_shift(routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
-    """`(reachable [T,E], delta [T,E], shift [T])` of a biased routing, differentiable.
+def bias_shift(z_clean: Tensor, z_biased: Tensor, p_clean: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`(reachable [T,E], delta [T,E], shift [T])` of a biased routing (masked clean and biased logits, the
+    clean probabilities), differentiable.
 
     `delta = z_biased - z_clean` (the bias each slot got; 0 where a slot is unreachable: masked or
     non-finite) and `shift = log(sum_f p_clean(f) e^delta_f) - log(sum_f p_clean(f))` = `log(Z_biased /
@@ -126,12 +136,10 @@ def _bias_shift(routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
     probabilities (the ratio never divides two tiny numbers). Both sums read the same `p_clean`, so a zero bias
     gives `shift = 0` exactly. Cheaper than two log-softmaxes: one exp of `[T,E]`, two sums and two logs of `[T]`.
     """
-    z_clean, z_biased = routing.logits_clean, routing.logits_biased
     reachable = torch.isfinite(z_clean) & torch.isfinite(z_biased)
     zero = torch.zeros((), dtype=z_clean.dtype, device=z_clean.device)
     delta = torch.where(reachable, z_biased - z_clean, zero)  # sanitised first: no NaN in an unused branch
-    p = routing.probs_clean
-    shift = torch.log((p * torch.exp(delta)).sum(-1)) - torch.log(p.sum(-1))
+    shift = torch.log((p_clean * torch.exp(delta)).sum(-1)) - torch.log(p_clean.sum(-1))
     return reachable, delta, shift
 
 
@@ -224,7 +232,9 @@ class BridgeReport:
 
     def _parts(self) -> tuple[Tensor, Tensor, Tensor]:
         if self._shift is None:
-            self._shift = _bias_shift(self._routing)
+            r = self._routing
+            self._shift = r.shift if r.shift is not None else bias_shift(r.logits_clean, r.logits_biased,
+                                                                          r.probs_clean)
         return self._shift
 
     def _compute_support(self) -> None:
@@ -292,7 +302,8 @@ class BridgeReport:
             logits_biased=r.logits_biased.detach(), probs_clean=r.probs_clean.detach(),
             probs_biased=r.probs_biased.detach(),
         )
-        shift = None if self._shift is None else tuple(x.detach() for x in self._shift)
+        parts = self._shift if self._shift is not None else r.shift
+        shift = None if parts is None else tuple(x.detach() for x in parts)
         return BridgeReport(routing, self._token_mask, self._selection_bias, shift=shift,  # type: ignore[arg-type]
                             **{k: v.detach() for k, v in self._values.items()})
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import uuid
 import warnings
@@ -232,6 +233,27 @@ def _fold_layer(observer: LayerObserver, measured: Measurement, active_mask: Ten
     observer.fold(measured, active_mask)
 
 
+COMPILE_ENV = "CHRONOMOE_COMPILE_OBSERVERS"
+
+
+def default_compile(device: torch.device) -> bool:
+    """Whether a `ChronoSystem` on `device` compiles its observers by default: `CHRONOMOE_COMPILE_OBSERVERS`
+    when set (`0`/`1`, `false`/`true`), else yes on CUDA and on the CPU."""
+    value = os.environ.get(COMPILE_ENV, "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value:
+        raise ValueError(f"{COMPILE_ENV}={value!r} is invalid: expected 0 or 1 (or leave it unset)")
+    return device.type in ("cuda", "cpu")
+
+
+def _compile_failure(err: BaseException) -> bool:
+    """An error raised by torch.compile's frontend or backend (not by the observer's own checks)."""
+    return type(err).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
 def find_moe_layers(model: nn.Module) -> list[tuple[str, MoELayerAdapter]]:
     """`(name, adapter)` of every submodule of `model` whose class has a registered adapter, in module order.
     Adapters of the libraries `model`'s classes come from (transformers) are registered first (`integrations`)."""
@@ -255,8 +277,12 @@ class ChronoSystem:
     state). `output_dir`: where the run directory `<output_dir>/<run_id>/` is written (decision log,
     readings, lineage, telemetry; docs/run_report.md); without it records are kept in memory only
     (`decision_log.records`). `seed` seeds the generator of the detector's sampling and of edit perturbations.
-    `compile_observers` runs the per-forward observer through `torch.compile` (default: on CUDA only, where
-    the eager observer is bound by kernel-launch overhead; see benchmarks/results/system_cuda.md).
+    `compile_observers` runs the per-forward observer through `torch.compile` (default: on CUDA and on the
+    CPU, where the eager observer's many small operations cost more than the arithmetic: about half the
+    overhead, for a one-off compile of ~10 s at the first training step; benchmarks/results/perf_*.md). The
+    environment variable `CHRONOMOE_COMPILE_OBSERVERS=0` (or `1`) sets the default without code changes; a
+    compile that fails (no C++ compiler for the CPU backend, say) falls back to the eager observer with a
+    warning.
     `process_group`: the data-parallel group to reduce the per-forward statistics over (default: the default
     group when torch.distributed is initialised; none otherwise). Every rank then holds the same state, takes
     the same decisions and applies the same edits; rank 0 alone writes the run directory (docs/distributed.md).
@@ -352,8 +378,11 @@ class ChronoSystem:
         self.alert_history = AlertHistory()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
-        # On CUDA the observers' many small kernels are launch-bound in eager mode: torch.compile fuses them.
-        self.compile_observers = self.device.type == "cuda" if compile_observers is None else bool(compile_observers)
+        # The observers' many small operations are launch-bound (CUDA) or dispatch-bound (CPU) in eager mode:
+        # torch.compile fuses them.
+        if compile_observers is None:
+            compile_observers = default_compile(self.device)
+        self.compile_observers = bool(compile_observers)
         # One free function of the layer's observer (not a method specialised on the layer index): one compiled
         # graph serves every layer of the same shape, so the first-step compile does not grow with depth.
         self._observe_compiled = torch.compile(_observe_layer) if self.compile_observers else _observe_layer
@@ -450,8 +479,27 @@ class ChronoSystem:
 
     @torch.no_grad()
     def _observe(self, i: int, trace: MoETrace, perm: Tensor) -> None:
-        counts = self._observe_compiled(self.observers[i], trace, self.banks[i].active_mask, perm)
+        try:
+            counts = self._observe_compiled(self.observers[i], trace, self.banks[i].active_mask, perm)
+        except Exception as err:
+            if not (self.compile_observers and _compile_failure(err)):
+                raise
+            self._compile_failed(err)
+            counts = self._observe_compiled(self.observers[i], trace, self.banks[i].active_mask, perm)
         self._add_counts(i, counts)
+
+    def _compile_failed(self, err: BaseException) -> None:
+        """The compiler failed before the observer ran (nothing was folded): observe eagerly from now on."""
+        warnings.warn(
+            f"ChronoSystem could not compile its observers ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "it observes eagerly instead (the same readings, at a higher per-step cost). Pass "
+            "compile_observers=False or set CHRONOMOE_COMPILE_OBSERVERS=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.compile_observers = False
+        self._observe_compiled = _observe_layer
+        self._fold_compiled = _fold_layer
 
     def _add_counts(self, i: int, counts: Tensor) -> None:
         if counts.shape[0] < self.num_slots:
@@ -479,7 +527,13 @@ class ChronoSystem:
         if self._dp is None:
             return
         for i, measured in self._dp.finish(self.config.bimodality.samples_per_expert):
-            self._fold_compiled(self.observers[i], measured, self.banks[i].active_mask)
+            try:
+                self._fold_compiled(self.observers[i], measured, self.banks[i].active_mask)
+            except Exception as err:
+                if not (self.compile_observers and _compile_failure(err)):
+                    raise
+                self._compile_failed(err)
+                self._fold_compiled(self.observers[i], measured, self.banks[i].active_mask)
             self._add_counts(i, measured.stats.counts)
 
     def _sync_ranks(self, loss: float | None) -> float | None:

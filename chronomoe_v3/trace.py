@@ -40,6 +40,24 @@ def _check_index(name: str, idx: Tensor) -> None:
 
 
 @dataclass
+class Dispatch:
+    """A layer's expert-sorted layout of one forward, as a grouped-matmul MoE computes it anyway (optional in a
+    trace; `ChronoMoELayer` supplies it). N = T*K token-slots:
+
+    `order [N]` int64: the token-slot indices `t*K + k` sorted by expert (slots of no expert last);
+    `offsets [E]` int32: the cumulative group ends (expert e's rows are `[offsets[e-1], offsets[e])`);
+    `rows [N, H]`: the unweighted expert outputs in that order (rows past `offsets[-1]` are never read).
+
+    With it, the per-expert sums are one grouped product over each expert's own rows
+    (`observe.stats.compute_expert_stats`), instead of a one-hot product over every row for every expert.
+    """
+
+    order: Tensor
+    offsets: Tensor
+    rows: Tensor
+
+
+@dataclass
 class MoETrace:
     """One layer's routing and unweighted expert outputs for one forward pass."""
 
@@ -55,6 +73,7 @@ class MoETrace:
     layer_id: int | None = None
     bridge: BridgeReport | None = None  # overlap safety of the slow bias, when the layer routes with one
     router_input: Tensor | None = None  # [T, H_r] what the router read for each token (optional)
+    dispatch: Dispatch | None = None  # the layer's expert-sorted layout (optional; faster statistics)
 
     @property
     def num_tokens(self) -> int:
@@ -144,6 +163,8 @@ class MoETrace:
             value = getattr(self, name)
             if value is not None and value.device != idx.device:
                 raise ValueError(f"{name} is on {value.device}; expected the device of topk_index ({idx.device})")
+        if self.dispatch is not None:
+            self._check_dispatch(self.dispatch, t * k, h, idx.device)
         if check_values:
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.num_experts:
@@ -153,6 +174,28 @@ class MoETrace:
             if self.token_mask is not None and not bool(self.token_mask.any()):
                 raise ValueError(f"all-padding batch: token_mask marks none of the {t} tokens as real")
         return self
+
+    def _check_dispatch(self, d: Dispatch, n: int, h: int, device: torch.device) -> None:
+        if not isinstance(d, Dispatch):
+            raise ValueError(f"dispatch is a {type(d).__name__}; expected a Dispatch or None")
+        _check_tensors(order=d.order, offsets=d.offsets, rows=d.rows)
+        if _shape(d.order) != (n,) or d.order.dtype != torch.int64:
+            raise ValueError(
+                f"dispatch.order has shape {_shape(d.order)} and dtype {d.order.dtype}; expected ({n},) int64"
+            )
+        if _shape(d.offsets) != (self.num_experts,) or d.offsets.dtype != torch.int32:
+            raise ValueError(
+                f"dispatch.offsets has shape {_shape(d.offsets)} and dtype {d.offsets.dtype}; "
+                f"expected ({self.num_experts},) int32"
+            )
+        if _shape(d.rows) != (n, h) or d.rows.dtype != self.expert_out.dtype:
+            raise ValueError(
+                f"dispatch.rows has shape {_shape(d.rows)} and dtype {d.rows.dtype}; expected {(n, h)} "
+                f"{self.expert_out.dtype} (expert_out's dtype)"
+            )
+        for name, value in (("order", d.order), ("offsets", d.offsets), ("rows", d.rows)):
+            if value.device != device:
+                raise ValueError(f"dispatch.{name} is on {value.device}; expected the device of topk_index ({device})")
 
     # ------------------------------------------------------------------ constructors
     @classmethod

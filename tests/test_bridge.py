@@ -188,6 +188,8 @@ def test_support_equals_the_ratio_of_the_two_softmaxes(seed, e, scale, beta_scal
     ref = torch.log_softmax(routing.logits_clean.double(), -1) - torch.log_softmax(routing.logits_biased.double(), -1)
     expected = torch.where(active, ref.clamp_max(0.0).exp(), torch.ones_like(ref)).float()
     assert torch.allclose(report.support, expected, atol=1e-5, rtol=1e-4)
+    # the biased probabilities, from p_clean and the shift, are the softmax of the biased logits
+    assert torch.allclose(routing.probs_biased, torch.softmax(routing.logits_biased, -1), atol=1e-6, rtol=1e-4)
     assert torch.equal(report.gate_support, report.support.gather(1, routing.topk_index))
     assert torch.isfinite(report.relevance) and 0.0 <= report.relevance.item() <= 1.0
 

@@ -300,3 +300,65 @@ def test_identity_drift_of_the_whole_layer_flags_nobody():
         s.observe(_stats_from_outputs(turned, [40, 40, 40, 40]))
     assert (s.identity_clocks[0] < s.identity_clocks[1] - 0.3).all()  # every identity dropped ...
     assert not s.broken().any()  # ... but nobody stands out from the layer
+
+
+@pytest.mark.parametrize("capacity", [None, 0.5])
+def test_grouped_reduction_over_the_layers_layout_agrees(capacity):
+    """`trace.dispatch` (the layer's expert-sorted rows) gives the same sums as the index_add reduction, with
+    padding, capacity drops and an inactive slot; without a layout `grouped` is refused by name."""
+    from chronomoe_v3.layers import ChronoMoELayer
+
+    torch.manual_seed(3)
+    layer = ChronoMoELayer(8, 16, 6, 2, num_active=5, capacity_factor=capacity)
+    seen = []
+    layer.add_observer(seen.append)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[:, -3:] = False
+    layer(torch.randn(4, 9, 8), token_mask=mask)
+    tr = seen[-1]
+    assert tr.dispatch is not None and tr.validate(check_values=True) is tr
+    a = compute_expert_stats(tr, reduction="index_add")
+    b = compute_expert_stats(tr, reduction="grouped")
+    for f in ("counts", "sum_out", "sum_weighted", "sum_mixture", "num_tokens"):
+        assert torch.allclose(getattr(a, f), getattr(b, f), atol=1e-5), f
+    assert b.counts.sum() < tr.topk_index.numel()  # padding (and drops) left out
+    tr.dispatch = None
+    with pytest.raises(ValueError, match="dispatch"):
+        compute_expert_stats(tr, reduction="grouped")
+
+
+def test_dispatch_is_shape_checked():
+    from chronomoe_v3.trace import Dispatch
+
+    tr = _random_trace(seed=2, t=10, drop=0.0)
+    n, h = tr.topk_index.numel(), tr.expert_out.shape[-1]
+    good = Dispatch(torch.arange(n), torch.full((5,), n, dtype=torch.int32), tr.expert_out.reshape(n, h))
+    tr.dispatch = good
+    tr.validate(check_values=False)
+    tr.dispatch = Dispatch(good.order, good.offsets.long(), good.rows)
+    with pytest.raises(ValueError, match=r"dispatch.offsets .* int32"):
+        tr.validate(check_values=False)
+    tr.dispatch = Dispatch(good.order[:-1], good.offsets, good.rows)
+    with pytest.raises(ValueError, match=r"dispatch.order has shape"):
+        tr.validate(check_values=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 grouped product)")
+def test_grouped_reduction_on_cuda_bf16_matches_the_one_hot_product():
+    from chronomoe_v3.layers import ChronoMoELayer
+
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(64, 32, 16, 4).cuda().bfloat16()
+    seen = []
+    layer.add_observer(seen.append)
+    layer(torch.randn(256, 64, device="cuda", dtype=torch.bfloat16))
+    tr = seen[-1]
+    auto, onehot = compute_expert_stats(tr), compute_expert_stats(tr, reduction="matmul")
+    for f in ("counts", "sum_out", "sum_weighted"):
+        assert torch.allclose(getattr(auto, f), getattr(onehot, f), rtol=1e-2, atol=1e-2), f
+    with torch.cuda.device(0):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            compute_expert_stats(tr)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

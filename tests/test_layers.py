@@ -60,6 +60,37 @@ def test_capacity_drops_respect_limit_and_priority():
     assert torch.count_nonzero(dropped_out) == 0
 
 
+def test_slots_of_masked_experts_have_zero_rows_and_no_gradient_without_a_masking_pass():
+    """Fewer active experts than top_k: each token's second slot names a masked expert; the grouped product
+    writes its row as 0 (the forward masks nothing itself) and no gradient reaches the input through it."""
+    torch.manual_seed(4)
+    layer = ChronoMoELayer(8, 16, 4, 2)
+    layer.active_mask[1:] = False  # (an edit can leave fewer active experts than top_k)
+    seen = []
+    layer.add_observer(seen.append)
+    x = torch.randn(10, 8, requires_grad=True)
+    out = layer(x)
+    tr = seen[-1]
+    assert (~tr.slot_mask).sum() == 10 and torch.count_nonzero(tr.expert_out[~tr.slot_mask]) == 0
+    only = F.silu(x @ layer.w_gate[0]) * (x @ layer.w_up[0]) @ layer.w_down[0]
+    assert torch.allclose(out, tr.topk_weight[:, :1] * only, atol=1e-5)
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the batched gate product)")
+def test_cuda_mixture_matches_the_elementwise_form():
+    torch.manual_seed(0)
+    layer = ChronoMoELayer(64, 32, 8, 2, capacity_factor=0.8).cuda()
+    seen = []
+    layer.add_observer(seen.append)
+    x = torch.randn(300, 64, device="cuda")
+    out = layer(x)
+    tr = seen[-1]
+    gate = torch.where(tr.slot_mask, tr.topk_weight, torch.zeros_like(tr.topk_weight))
+    assert torch.allclose(out, (tr.expert_out * gate.unsqueeze(-1)).sum(1), atol=1e-5)
+
+
 def test_router_bias_input_shifts_selection():
     torch.manual_seed(3)
     layer = ChronoMoELayer(8, 16, 4, 1)

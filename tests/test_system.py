@@ -311,3 +311,57 @@ def test_loading_before_the_model_state_is_refused() -> None:
     fresh = ChronoSystem(_model(), config=FAST)  # its layer 0 still routes to slot 1
     with pytest.raises(ValueError, match="load the model's state_dict"):
         fresh.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- compiled observers: the default and its fallback
+def test_compile_default_follows_the_environment(monkeypatch):
+    from chronomoe_v3.system import COMPILE_ENV, default_compile
+
+    cpu, other = torch.device("cpu"), torch.device("meta")
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert default_compile(cpu) and not default_compile(other)
+    monkeypatch.setenv(COMPILE_ENV, "0")
+    assert not default_compile(cpu) and not ChronoSystem(_model()).compile_observers
+    monkeypatch.setenv(COMPILE_ENV, "true")
+    assert default_compile(other)
+    monkeypatch.setenv(COMPILE_ENV, "maybe")
+    with pytest.raises(ValueError, match=r"CHRONOMOE_COMPILE_OBSERVERS='maybe' is invalid"):
+        ChronoSystem(_model())
+
+
+class _FakeCompileError(RuntimeError):
+    pass
+
+
+_FakeCompileError.__module__ = "torch._inductor.exc"  # what a backend failure looks like to the system
+
+
+def test_a_failed_compile_falls_back_to_the_eager_observer_without_losing_the_forward():
+    model = _model()
+    system = ChronoSystem(model, compile_observers=True)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise _FakeCompileError("C++ compiler not found")
+
+    system._observe_compiled = broken
+    ids = torch.randint(0, 24, (2, 12))
+    with pytest.warns(RuntimeWarning, match="could not compile its observers .*C\\+\\+ compiler not found"):
+        model.loss(ids, ids)
+    assert not system.compile_observers
+    assert int(system.observers[0].coherence.step) == 1 and system.layer_steps == [1, 1]
+    model.loss(ids, ids)  # eager from now on, no second warning
+    assert int(system.observers[0].coherence.step) == 2
+
+
+def test_an_observer_error_that_is_not_the_compilers_is_raised():
+    model = _model()
+    system = ChronoSystem(model, compile_observers=True)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a real bug")
+
+    system._observe_compiled = broken
+    ids = torch.randint(0, 24, (2, 12))
+    with pytest.raises(RuntimeError, match="a real bug"):
+        model.loss(ids, ids)
+    assert system.compile_observers

@@ -82,7 +82,9 @@ def sample_slots(
     target = torch.where(keep, idx, torch.full_like(idx, e))  # dropped / padded slots sort last, into row E
     # Sort by (expert, random rank): a random order of slots within each expert. The keys are distinct, so
     # the stable sort (several times faster on the CPU) gives the same order as any other.
-    order = torch.argsort(target * n + perm.to(device=device, dtype=torch.long), stable=True)
+    # int32 keys where they fit: half the radix-sort passes of int64 keys on CUDA, the same order
+    key_dtype = torch.int32 if (e + 1) * n < 2**31 else torch.long
+    order = torch.argsort(target.to(key_dtype) * n + perm.to(device=device, dtype=key_dtype), stable=True)
     sorted_target = target[order]
     counts = torch.zeros(e + 1, dtype=torch.long, device=device).scatter_add_(0, target, torch.ones_like(target))
     starts = counts.cumsum(0) - counts

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from ..config import ESTIMATORS
-from ..trace import MoETrace
+from ..grouped import group_sums
+from ..trace import Dispatch, MoETrace
 
 
 @dataclass
@@ -45,19 +46,29 @@ class ExpertStats:
         return (self.counts > 0) & ~self.nonfinite
 
 
-REDUCTIONS = ("auto", "index_add", "matmul")
+REDUCTIONS = ("auto", "index_add", "matmul", "grouped")
+
+
+def _grouped_fits(d: Dispatch) -> bool:
+    """The layout suits the sync-free grouped product: bf16 CUDA rows, N and H multiples of 8."""
+    n, h = d.rows.shape
+    return d.rows.is_cuda and d.rows.dtype == torch.bfloat16 and n % 8 == 0 and h % 8 == 0
 
 
 @torch.no_grad()
 def compute_expert_stats(trace: MoETrace, reduction: str = "auto") -> ExpertStats:
     """All per-expert statistics of a trace in one vectorised pass, accumulated in fp32.
 
-    The reduction (`reduction="auto"`) is a one-hot matmul on accelerators (PERF.md: the fastest there)
-    and `index_add_` on the CPU (where it is faster than a one-hot product); either can be forced.
+    The reduction (`reduction="auto"`): on CUDA, when the trace carries the layer's expert-sorted layout
+    (`trace.dispatch`, bf16), one grouped product over each expert's own rows (`grouped`: `2 x N x H`
+    multiply-adds instead of the one-hot product's `2E x N x H`); otherwise a one-hot matmul on accelerators
+    (PERF.md: the fastest there without the layout) and `index_add_` on the CPU (where it is faster than a
+    one-hot product). Any of them can be forced (`grouped` needs `trace.dispatch`; off bf16 CUDA it is an
+    fp32 `index_add_` over the sorted rows).
     Non-finite outputs or gate weights mark their expert as skipped (`nonfinite`). With `index_add_` they
     never reach the sums of other experts; with the one-hot product a non-finite row spreads
-    (0 * inf = nan) to every expert of that layer and step, which
-    are then all skipped. Either way no NaN/Inf leaves this function.
+    (0 * inf = nan) to every expert of that layer and step, which are then all skipped (with the grouped
+    product, to the experts of its own group only). Either way no NaN/Inf leaves this function.
     """
     t, k, h = trace.expert_out.shape
     e = trace.num_experts
@@ -68,7 +79,20 @@ def compute_expert_stats(trace: MoETrace, reduction: str = "auto") -> ExpertStat
     device = y.device
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is invalid: expected one of {list(REDUCTIONS)}")
-    if reduction == "index_add" or (reduction == "auto" and device.type == "cpu"):
+    d = trace.dispatch
+    if reduction == "grouped" and d is None:
+        raise ValueError("reduction='grouped' needs the trace's expert-sorted layout (trace.dispatch); it has none")
+    if d is not None and (reduction == "grouped" or (reduction == "auto" and _grouped_fits(d))):
+        target = torch.where(keep, idx, torch.full_like(idx, e))
+        counts = torch.zeros(e + 1, device=device).index_add_(0, target, keep.float())[:e]
+        # columns: 1 and the gate weight of each kept, real slot in the layout's order; dropped and padding
+        # slots weigh 0
+        kept = keep[d.order]
+        cols = torch.stack([kept.to(w.dtype), torch.where(kept, w[d.order], torch.zeros((), dtype=w.dtype,
+                                                                                          device=device))], 1)
+        sums = group_sums(cols.to(d.rows.dtype), d.rows, d.offsets)  # [E, 2, H] fp32
+        sum_out, sum_weighted = sums[:, 0], sums[:, 1]
+    elif reduction == "index_add" or (reduction == "auto" and device.type == "cpu"):
         # Dropped / padded slots go to a scratch row E, so no multiply-by-mask pass is needed.
         target = torch.where(keep, idx, torch.full_like(idx, e))
         yf = y.float()
