@@ -53,6 +53,7 @@ from .bias import SlowBias
 from .config import ChronoConfig
 from .distributed import StatisticsReducer, check_same_setup, fingerprint, process_group_of, refuse_sharded_banks
 from .governance import ControlConfig, Controller, LogitLens
+from .grouped import native_group_sums
 from .integrations import register_adapters_for
 from .lifecycle.audit import Audit, AuditRecord, judge, slot_readings
 from .lifecycle.cycle import (
@@ -382,6 +383,7 @@ class ChronoSystem:
         # torch.compile fuses them.
         if compile_observers is None:
             compile_observers = default_compile(self.device)
+        native_group_sums(self.device)  # probe the grouped statistics kernel eagerly, before any compile
         self.compile_observers = bool(compile_observers)
         # One free function of the layer's observer (not a method specialised on the layer index): one compiled
         # graph serves every layer of the same shape, so the first-step compile does not grow with depth.

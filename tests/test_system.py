@@ -313,7 +313,7 @@ def test_loading_before_the_model_state_is_refused() -> None:
         fresh.load_state_dict(state)
 
 
-# ---------------------------------------------------------------------- compiled observers: the default and its fallback
+# ---------------------------------------------------------------------- compiled observers: default, fallback
 def test_compile_default_follows_the_environment(monkeypatch):
     from chronomoe_v3.system import COMPILE_ENV, default_compile
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..config import ESTIMATORS
-from ..grouped import group_sums
+from ..grouped import group_sums, native_group_sums
 from ..trace import Dispatch, MoETrace
 
 
@@ -50,9 +50,11 @@ REDUCTIONS = ("auto", "index_add", "matmul", "grouped")
 
 
 def _grouped_fits(d: Dispatch) -> bool:
-    """The layout suits the sync-free grouped product: bf16 CUDA rows, N and H multiples of 8."""
+    """The layout suits the sync-free grouped product: bf16 CUDA rows, N and H multiples of 8, and a torch
+    whose grouped product gives fp32 outputs on this device (`grouped.native_group_sums`)."""
     n, h = d.rows.shape
-    return d.rows.is_cuda and d.rows.dtype == torch.bfloat16 and n % 8 == 0 and h % 8 == 0
+    return (d.rows.is_cuda and d.rows.dtype == torch.bfloat16 and n % 8 == 0 and h % 8 == 0
+            and native_group_sums(d.rows.device))
 
 
 @torch.no_grad()
