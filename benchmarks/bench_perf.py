@@ -27,10 +27,12 @@ twice in the same rounds.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -290,6 +292,33 @@ def graph_breaks(device: torch.device) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- small model
+def small_model_step(
+    device: torch.device, arm: str, x: Tensor, p: dict[str, int] = SMALL
+) -> tuple[Callable[[], None], ChronoSystem | None]:
+    """One training step of the outcome benchmark's TinyMoELM on batch `x`, plain, with `ChronoSystem`
+    (`arm="chrono"`, its defaults) or with the aux-loss-free balancer (`"auxfree"`); and the system, if any."""
+    torch.manual_seed(0)
+    model = TinyMoELM(p["vocab"], d_model=p["d_model"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+                      d_ff=p["d_ff"], max_experts=p["slots"], top_k=p["top_k"], max_seq_len=p["seq"]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    system = None
+    if arm == "chrono":
+        system = ChronoSystem(model, seed=0)
+        system.attach_optimizer(opt)
+    elif arm == "auxfree":
+        AuxLossFreeBalancer(model, rate=1e-3, optimizer=opt)
+
+    def step() -> None:
+        if system is not None:
+            system.observe_tokens(x)
+        loss = model.loss(x, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, system
+
+
 def bench_small(device: torch.device, repeats: int, quick: bool) -> dict[str, Any]:
     p = dict(SMALL)
     if quick:
@@ -301,26 +330,7 @@ def bench_small(device: torch.device, repeats: int, quick: bool) -> dict[str, An
         x = torch.randint(0, p["vocab"], (p["batch"], p["seq"]), generator=torch.Generator().manual_seed(0)).to(device)
 
         def build(arm: str) -> Callable[[], None]:
-            torch.manual_seed(0)
-            model = TinyMoELM(p["vocab"], d_model=p["d_model"], n_layers=p["n_layers"], n_heads=p["n_heads"],
-                              d_ff=p["d_ff"], max_experts=p["slots"], top_k=p["top_k"], max_seq_len=p["seq"]).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-            system = None
-            if arm == "chrono":
-                system = ChronoSystem(model, seed=0)
-                system.attach_optimizer(opt)
-            elif arm == "auxfree":
-                AuxLossFreeBalancer(model, rate=1e-3, optimizer=opt)
-
-            def step() -> None:
-                if system is not None:
-                    system.observe_tokens(x)
-                loss = model.loss(x, x)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            return step
+            return small_model_step(device, arm, x, p)[0]
 
         plain, auxfree = build("plain"), build("auxfree")
         plain()
@@ -416,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     # Cold compile caches: the first-step stalls are what a fresh machine pays, not a cache hit of an earlier run.
     for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         os.environ[var] = tempfile.mkdtemp(prefix=f"bench_perf_{var.split('_')[0].lower()}_")
+        atexit.register(shutil.rmtree, os.environ[var], True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -12,7 +12,6 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -21,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_perf import SHAPES, SMALL, Stack, config_for, make_step  # noqa: E402
+from bench_perf import SHAPES, SMALL, Stack, config_for, make_step, small_model_step  # noqa: E402
+from bench_system import median_ms  # noqa: E402
 
 from chronomoe_v3 import ChronoSystem  # noqa: E402
-from chronomoe_v3.toy.models import TinyMoELM  # noqa: E402
 
 
 def build(device: torch.device, chrono: bool, shape: str = "small") -> tuple[Callable[[], None], ChronoSystem | None]:
@@ -39,38 +38,12 @@ def build(device: torch.device, chrono: bool, shape: str = "small") -> tuple[Cal
         if sys_ is not None:
             sys_.attach_optimizer(optim)
         return make_step(stack, optim, xs), sys_
-    p = SMALL
-    x = torch.randint(0, p["vocab"], (p["batch"], p["seq"]), generator=torch.Generator().manual_seed(0)).to(device)
-    torch.manual_seed(0)
-    model = TinyMoELM(p["vocab"], d_model=p["d_model"], n_layers=p["n_layers"], n_heads=p["n_heads"],
-                      d_ff=p["d_ff"], max_experts=p["slots"], top_k=p["top_k"], max_seq_len=p["seq"]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    system = ChronoSystem(model, seed=0) if chrono else None
-    if system is not None:
-        system.attach_optimizer(opt)
-
-    def step() -> None:
-        if system is not None:
-            system.observe_tokens(x)
-        loss = model.loss(x, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step, system
+    x = torch.randint(0, SMALL["vocab"], (SMALL["batch"], SMALL["seq"]), generator=torch.Generator().manual_seed(0))
+    return small_model_step(device, "chrono" if chrono else "plain", x.to(device))
 
 
 def timed(device: torch.device, fn: Callable[[], None], n: int = 30) -> float:
-    out = []
-    for _ in range(n):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1e3
+    return float(median_ms(device, fn, n))
 
 
 def main() -> None:
