@@ -57,7 +57,7 @@ from .ops import (
 from .ops.basin import BasinHistory
 from .routing import BridgeReport, Routing, bridge_report, route_topk, route_with_bias
 from .system import ChronoSystem, StepResult
-from .trace import MoETrace
+from .trace import Dispatch, MoETrace
 from .version import __version__ as __version__
 from .view import LayerView
 
@@ -82,6 +82,7 @@ __all__ = [
     "DecisionLog",
     "DecisionRecord",
     "DegradeConfig",
+    "Dispatch",
     "ShadowConfig",
     "EditCandidate",
     "EditError",
