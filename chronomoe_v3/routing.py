@@ -46,8 +46,9 @@ class Routing:
     probs_clean: Tensor  # [T, E] softmax of the masked clean logits
     probs_biased: Tensor  # [T, E] softmax of the masked biased logits
     bridge: BridgeReport | None = None  # overlap safety of the bias (set by `route_with_bias`)
-    # `bias_shift(...)` of a biased routing (reachable, delta, log(Z_b/Z_c)), reused by its bridge report
-    shift: tuple[Tensor, Tensor, Tensor] | None = None
+    # a biased routing's `(bias [E] fp32, -inf at inactive slots; log(Z_biased / Z_clean) [T])`, from which its
+    # bridge report reads the support without recomputing it (`bias_shift`)
+    shift: tuple[Tensor, Tensor] | None = None
 
 
 def mask_logits(logits: Tensor, active_mask: Tensor | None) -> Tensor:
@@ -97,14 +98,15 @@ def route_topk(
     z = logits.float()
     z_clean = mask_logits(z, active_mask)
     p_clean = torch.softmax(z_clean, dim=-1)
-    shift: tuple[Tensor, Tensor, Tensor] | None = None
+    shift: tuple[Tensor, Tensor] | None = None
     if bias is not None:
+        b = mask_logits(bias.float(), active_mask)
         z_biased = mask_logits(z + bias.float(), active_mask)
-        # p_biased = softmax(z_biased) = p_clean e^(delta - log(Z_b / Z_c)): three elementwise passes instead of
-        # a second softmax (and its backward), exactly p_clean at a zero bias (`bias_shift`)
-        shift = bias_shift(z_clean, z_biased, p_clean)
-        _, delta, log_ratio = shift
-        p_biased = p_clean * torch.exp(delta - log_ratio.unsqueeze(1))
+        # p_biased = softmax(z_biased) = p_clean e^bias Z_c / Z_b: two elementwise passes instead of a second
+        # softmax (and its backward), exactly p_clean at a zero bias (`bias_shift`)
+        log_ratio, weighted, scale = bias_shift(p_clean, b)
+        p_biased = weighted * scale.unsqueeze(1)
+        shift = (b, log_ratio)
     else:
         z_biased = z_clean
         p_biased = p_clean
@@ -126,28 +128,40 @@ def route_topk(
 
 
 # ---------------------------------------------------------------------- overlap safety
-def bias_shift(z_clean: Tensor, z_biased: Tensor, p_clean: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """`(reachable [T,E], delta [T,E], shift [T])` of a biased routing (masked clean and biased logits, the
-    clean probabilities), differentiable.
+def bias_shift(p_clean: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`(log(Z_biased / Z_clean) [T], p_clean e^(bias - m) [T,E], Z_clean / Z_biased e^m [T])` for the clean
+    probabilities `p_clean [T,E]` and a per-slot bias `[E]` (fp32, -inf at inactive slots), differentiable.
 
-    `delta = z_biased - z_clean` (the bias each slot got; 0 where a slot is unreachable: masked or
-    non-finite) and `shift = log(sum_f p_clean(f) e^delta_f) - log(sum_f p_clean(f))` = `log(Z_biased /
-    Z_clean)`, so that `log(p_clean(e) / p_biased(e)) = shift - delta_e` for every slot, however small its
-    probabilities (the ratio never divides two tiny numbers). Both sums read the same `p_clean`, so a zero bias
-    gives `shift = 0` exactly. Cheaper than two log-softmaxes: one exp of `[T,E]`, two sums and two logs of `[T]`.
+    `Z_biased / Z_clean = sum_f p_clean(f) e^bias_f / sum_f p_clean(f)`, so that `log(p_clean(e) /
+    p_biased(e)) = log(Z_biased / Z_clean) - bias_e` for every slot, however small its probabilities (the
+    ratio never divides two tiny numbers), and `p_biased = p_clean e^(bias - m) * (Z_clean / Z_biased e^m)`.
+    Both sums read the same `p_clean`, so a zero bias gives exactly 0, `p_clean` and 1. The bias is shifted
+    by its largest finite entry `m` first (no overflow, whatever a `router_bias` holds). Per forward: one
+    exponential of `[E]`, one product of `[T,E]`, two sums and two logarithms of `[T]`.
     """
+    top = bias.detach().max()
+    m = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weighted = p_clean * torch.exp(bias - m)
+    z_b, z_c = weighted.sum(-1), p_clean.sum(-1)
+    return torch.log(z_b) + m - torch.log(z_c), weighted, z_c / z_b
+
+
+def _shift_from_logits(routing: Routing) -> tuple[Tensor, Tensor]:
+    """`(delta [T,E], log(Z_biased / Z_clean) [T])` of a routing built without `route_topk`'s shift: the bias
+    read back from its logits (`z_biased - z_clean`, 0 where a slot is unreachable)."""
+    z_clean, z_biased = routing.logits_clean, routing.logits_biased
     reachable = torch.isfinite(z_clean) & torch.isfinite(z_biased)
-    zero = torch.zeros((), dtype=z_clean.dtype, device=z_clean.device)
-    delta = torch.where(reachable, z_biased - z_clean, zero)  # sanitised first: no NaN in an unused branch
-    shift = torch.log((p_clean * torch.exp(delta)).sum(-1)) - torch.log(p_clean.sum(-1))
-    return reachable, delta, shift
+    delta = torch.where(reachable, z_biased - z_clean, torch.zeros((), dtype=z_clean.dtype, device=z_clean.device))
+    p = routing.probs_clean
+    return delta, torch.log((p * torch.exp(delta)).sum(-1)) - torch.log(p.sum(-1))
 
 
 def _support(reachable: Tensor, log_ratio: Tensor) -> Tensor:
-    """`clamp(exp(log_ratio), 0, 1)` where reachable, 1 elsewhere (NaN sanitised before exp, for its gradient)."""
+    """`clamp(exp(log_ratio), 0, 1)` where reachable and finite, 1 elsewhere (an inactive slot's log ratio is
+    +inf; a non-finite one is sanitised before exp, for its gradient)."""
     zero = torch.zeros((), dtype=log_ratio.dtype, device=log_ratio.device)
-    safe = torch.where(reachable & torch.isfinite(log_ratio), torch.minimum(log_ratio, zero), zero)
-    return torch.where(reachable, torch.exp(safe), torch.ones_like(safe))
+    ok = reachable & torch.isfinite(log_ratio)
+    return torch.where(ok, torch.exp(torch.where(ok, torch.minimum(log_ratio, zero), zero)), torch.ones_like(zero))
 
 
 _REPORT_FIELDS = ("support", "overlap_only", "relevance", "jaccard", "jaccard_mean", "topk_index_clean", "gate_support")
@@ -176,7 +190,7 @@ class BridgeReport:
         token_mask: Tensor | None = None,
         selection_bias: Tensor | None = None,
         *,
-        shift: tuple[Tensor, Tensor, Tensor] | None = None,
+        shift: tuple[Tensor, Tensor] | None = None,
         **fields: Tensor,
     ) -> None:
         t, _ = routing.topk_index.shape
@@ -230,24 +244,28 @@ class BridgeReport:
     def gate_support(self) -> Tensor:
         return self._get("gate_support")
 
-    def _parts(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _parts(self) -> tuple[Tensor, Tensor]:
+        """`(bias [E] or [T,E], log(Z_biased / Z_clean) [T])`."""
         if self._shift is None:
             r = self._routing
-            self._shift = r.shift if r.shift is not None else bias_shift(r.logits_clean, r.logits_biased,
-                                                                          r.probs_clean)
+            self._shift = r.shift if r.shift is not None else _shift_from_logits(r)
         return self._shift
 
     def _compute_support(self) -> None:
-        reachable, delta, shift = self._parts()
-        self._values["support"] = _support(reachable, shift.unsqueeze(1) - delta)
+        bias, shift = self._parts()
+        z_clean, z_biased = self._routing.logits_clean, self._routing.logits_biased
+        reachable = torch.isfinite(z_clean) & torch.isfinite(z_biased)
+        self._values["support"] = _support(reachable, shift.unsqueeze(1) - bias)
 
     def _compute_gate_support(self) -> None:
         if "support" in self._values:
             self._values["gate_support"] = self.support.gather(1, self._routing.topk_index)
             return
-        reachable, delta, shift = self._parts()
+        bias, shift = self._parts()
         index = self._routing.topk_index
-        self._values["gate_support"] = _support(reachable.gather(1, index), shift.unsqueeze(1) - delta.gather(1, index))
+        at = bias[index] if bias.dim() == 1 else bias.gather(1, index)  # an inactive slot's bias is -inf
+        log_ratio = shift.unsqueeze(1) - at
+        self._values["gate_support"] = _support(torch.isfinite(at), log_ratio)
 
     def _compute_overlap_only(self) -> None:
         self._values["overlap_only"] = (self._routing.probs_biased - self._routing.probs_clean).clamp_min(0.0)

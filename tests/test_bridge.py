@@ -206,3 +206,20 @@ def test_a_training_forward_computes_only_the_veto_factor():
     assert "topk_index_clean" not in repr(trace_copy)
     routing.topk_weight.sum().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_a_huge_router_bias_neither_overflows_nor_breaks_the_support():
+    """A user's `router_bias` may hold +200 (e^200 overflows fp32) or -1e9 (a disabled expert): the biased
+    probabilities stay the softmax of the biased logits and the support stays in [0, 1]."""
+    z = torch.randn(12, 5, generator=torch.Generator().manual_seed(7))
+    bias = torch.tensor([200.0, 0.0, -1e9, 1.0, 0.0])
+    routing = route_with_bias(z, 2, None, bias)
+    ref = torch.softmax(routing.logits_biased.double(), -1).float()
+    assert torch.isfinite(routing.probs_biased).all()
+    assert torch.allclose(routing.probs_biased, ref, atol=1e-6)
+    report = routing.bridge
+    assert report is not None and ((report.support >= 0) & (report.support <= 1)).all()
+    # expert 0 takes all the biased mass: its support is its clean probability; the others' is 1
+    assert torch.allclose(report.support[:, 0], routing.probs_clean[:, 0], rtol=1e-5)
+    assert torch.equal(report.support[:, 1:], torch.ones(12, 4))
+    assert torch.equal(report.gate_support, report.support.gather(1, routing.topk_index))
