@@ -42,10 +42,6 @@ def build(device: torch.device, chrono: bool, shape: str = "small") -> tuple[Cal
     return small_model_step(device, "chrono" if chrono else "plain", x.to(device))
 
 
-def timed(device: torch.device, fn: Callable[[], None], n: int = 30) -> float:
-    return float(median_ms(device, fn, n))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -78,9 +74,9 @@ def main() -> None:
         variants[mode] = (step, first)
     rows: dict[str, list[float]] = {k: [] for k in ["plain", *variants]}
     for _ in range(3):
-        rows["plain"].append(timed(device, plain))
+        rows["plain"].append(median_ms(device, plain, 30))
         for k, (fn, _) in variants.items():
-            rows[k].append(timed(device, fn))
+            rows[k].append(median_ms(device, fn, 30))
     base = min(rows["plain"])
     for k, v in rows.items():
         print(f"{k:22s} {min(v):8.2f} ms  overhead {min(v) - base:+7.2f} ms ({100 * (min(v) - base) / base:+.1f}%)"

@@ -307,9 +307,8 @@ class BridgeReport:
     # ------------------------------------------------------------------ copies
     def replace(self, **fields: Tensor) -> BridgeReport:
         """A copy with `fields` set (the others are computed, or kept, as in this one)."""
-        out = BridgeReport(self._routing, self._token_mask, self._selection_bias, shift=self._shift,
-                           **{**self._values, **fields})
-        return out
+        return BridgeReport(self._routing, self._token_mask, self._selection_bias, shift=self._shift,
+                            **{**self._values, **fields})
 
     def detach(self) -> BridgeReport:
         """A copy cut from the autograd graph (what a trace carries): fields computed so far are kept, detached;

@@ -481,14 +481,19 @@ class ChronoSystem:
 
     @torch.no_grad()
     def _observe(self, i: int, trace: MoETrace, perm: Tensor) -> None:
+        counts = self._run_observer("_observe_compiled", self.observers[i], trace, self.banks[i].active_mask, perm)
+        self._add_counts(i, counts)
+
+    def _run_observer(self, name: str, *args: Any) -> Any:
+        """Call the (possibly compiled) observer function `name`; a compile failure switches both to eager and
+        calls it again (the compiler fails before the observer runs, so nothing was folded twice)."""
         try:
-            counts = self._observe_compiled(self.observers[i], trace, self.banks[i].active_mask, perm)
+            return getattr(self, name)(*args)
         except Exception as err:
             if not (self.compile_observers and _compile_failure(err)):
                 raise
             self._compile_failed(err)
-            counts = self._observe_compiled(self.observers[i], trace, self.banks[i].active_mask, perm)
-        self._add_counts(i, counts)
+            return getattr(self, name)(*args)
 
     def _compile_failed(self, err: BaseException) -> None:
         """The compiler failed before the observer ran (nothing was folded): observe eagerly from now on."""
@@ -529,13 +534,7 @@ class ChronoSystem:
         if self._dp is None:
             return
         for i, measured in self._dp.finish(self.config.bimodality.samples_per_expert):
-            try:
-                self._fold_compiled(self.observers[i], measured, self.banks[i].active_mask)
-            except Exception as err:
-                if not (self.compile_observers and _compile_failure(err)):
-                    raise
-                self._compile_failed(err)
-                self._fold_compiled(self.observers[i], measured, self.banks[i].active_mask)
+            self._run_observer("_fold_compiled", self.observers[i], measured, self.banks[i].active_mask)
             self._add_counts(i, measured.stats.counts)
 
     def _sync_ranks(self, loss: float | None) -> float | None:

@@ -84,8 +84,9 @@ def compute_expert_stats(trace: MoETrace, reduction: str = "auto") -> ExpertStat
     d = trace.dispatch
     if reduction == "grouped" and d is None:
         raise ValueError("reduction='grouped' needs the trace's expert-sorted layout (trace.dispatch); it has none")
+    # Dropped / padded slots go to a scratch row E, so no multiply-by-mask pass is needed.
+    target = torch.where(keep, idx, torch.full_like(idx, e))
     if d is not None and (reduction == "grouped" or (reduction == "auto" and _grouped_fits(d))):
-        target = torch.where(keep, idx, torch.full_like(idx, e))
         counts = torch.zeros(e + 1, device=device).index_add_(0, target, keep.float())[:e]
         # columns: 1 and the gate weight of each kept, real slot in the layout's order; dropped and padding
         # slots weigh 0
@@ -95,8 +96,6 @@ def compute_expert_stats(trace: MoETrace, reduction: str = "auto") -> ExpertStat
         sums = group_sums(cols.to(d.rows.dtype), d.rows, d.offsets)  # [E, 2, H] fp32
         sum_out, sum_weighted = sums[:, 0], sums[:, 1]
     elif reduction == "index_add" or (reduction == "auto" and device.type == "cpu"):
-        # Dropped / padded slots go to a scratch row E, so no multiply-by-mask pass is needed.
-        target = torch.where(keep, idx, torch.full_like(idx, e))
         yf = y.float()
         counts = torch.zeros(e + 1, device=device).index_add_(0, target, keep.float())[:e]
         sums = torch.zeros(2, e + 1, h, device=device)
@@ -105,7 +104,6 @@ def compute_expert_stats(trace: MoETrace, reduction: str = "auto") -> ExpertStat
         sum_out, sum_weighted = sums[0, :e], sums[1, :e]
     else:
         # Rows [0, E): one-hot of the kept slots; rows [E, 2E): the same scaled by the gate weights.
-        target = torch.where(keep, idx, torch.full_like(idx, e))
         both = torch.empty(2 * e, t * k, dtype=y.dtype, device=device)
         both[:e].copy_(target.unsqueeze(0) == torch.arange(e, device=device).unsqueeze(1))
         torch.mul(both[:e], w.to(y.dtype).unsqueeze(0), out=both[e:])
