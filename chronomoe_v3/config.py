@@ -266,7 +266,10 @@ class ObjectiveConfig:
     concentrated (nothing is removed there) when its slow Neff < `concentration_neff` x n or its top-2 share
     > `concentration_top2` (the v2 PRE_COLLAPSE condition), a collapse alert is raised on it, or the mid
     clock's pressure on it exceeds `concentration_pressure` (it is still being rebalanced); a prune needs
-    the expert's share below `prune_max_share` x its fair share; a removal (prune, merge) needs the expert to
+    the expert's share below `prune_max_share` x its fair share, and either a slow coherence below
+    `prune_coherence_floor` or a *vestigial* share: below `prune_vestigial_share` x its fair share while the mid
+    clock is not moving tokens away from it (its lens offset >= 0: the router's own verdict, not chronomoe's
+    doing); a removal (prune, merge) needs the expert to
     have lived `min_age_to_remove` training steps (about the slow clock's horizon), so that what condemns it is
     its own history: a split child or a spawned expert is not removed on the readings of its first weeks."""
 
@@ -284,6 +287,7 @@ class ObjectiveConfig:
     merge_min_redundancy: float = 0.5
     min_evidence_tokens: float = 4096.0
     prune_max_share: float = 0.5
+    prune_vestigial_share: float = 0.125
     concentration_neff: float = 0.6
     concentration_top2: float = 0.75
     concentration_pressure: float = 0.05
@@ -302,6 +306,7 @@ class ObjectiveConfig:
         _check_number("objective.merge_min_redundancy", self.merge_min_redundancy, 0.0, 1.0)
         _check_number("objective.min_evidence_tokens", self.min_evidence_tokens, 0.0)
         _check_number("objective.prune_max_share", self.prune_max_share, 0.0, 1.0)
+        _check_number("objective.prune_vestigial_share", self.prune_vestigial_share, 0.0, 1.0)
         _check_number("objective.concentration_neff", self.concentration_neff, 0.0, 1.0)
         _check_number("objective.concentration_top2", self.concentration_top2, 0.0, 1.0)
         _check_number("objective.concentration_pressure", self.concentration_pressure, 0.0)
@@ -315,8 +320,11 @@ class LifecycleConfig:
     a newborn expert is judged, the live-expert bounds per layer, and how new experts are made. Every edit is
     audited `audit_steps` training steps later (`lifecycle/audit.py`; no other edit of the layer meanwhile) and
     rolled back when the loss rose beyond `harm_z` noise units and `harm_min_loss` nats; that kind of edit is
-    then not proposed in the layer for `rollback_penalty_steps`. With `step()` every 50 training steps, the
-    defaults review every 100 steps and let a layer change at most every 300."""
+    then not proposed in the layer for `rollback_penalty_steps`. After a removal (prune, merge) the layer does
+    not grow (split, spawn) for `regrow_hold_steps`: the slow readings that would justify growth were taken
+    while the removed expert still shared the traffic, and the slow window needs about that long to describe
+    the layer without it. With `step()` every 50 training steps, the defaults review every 100 steps and let a
+    layer change at most every 300."""
 
     eval_interval: int = 2
     max_edits_per_cycle: int = 1
@@ -332,6 +340,7 @@ class LifecycleConfig:
     harm_z: float = 3.0
     harm_min_loss: float = 0.01
     rollback_penalty_steps: int = 2000
+    regrow_hold_steps: int = 1000
 
     def __post_init__(self) -> None:
         _check_int("lifecycle.eval_interval", self.eval_interval, 1)
@@ -339,6 +348,7 @@ class LifecycleConfig:
         _check_number("lifecycle.harm_z", self.harm_z, 0.0)
         _check_number("lifecycle.harm_min_loss", self.harm_min_loss, 0.0)
         _check_int("lifecycle.rollback_penalty_steps", self.rollback_penalty_steps, 0)
+        _check_int("lifecycle.regrow_hold_steps", self.regrow_hold_steps, 0)
         _check_int("lifecycle.max_edits_per_cycle", self.max_edits_per_cycle, 0)
         _check_int("lifecycle.cooldown_steps", self.cooldown_steps, 0)
         _check_int("lifecycle.cooling_period", self.cooling_period, 0)

@@ -70,7 +70,7 @@ from .lifecycle.cycle import (
     slots_touched,
 )
 from .lifecycle.decisions import DecisionLog, DecisionRecord
-from .lifecycle.objective import LayerDecision, free_energy
+from .lifecycle.objective import GROWING_ACTIONS, REMOVING_ACTIONS, LayerDecision, free_energy
 from .observe.bimodality import draw_permutation
 from .observe.observer import LayerObserver, Measurement
 from .observe.tokens import TokenBasins
@@ -663,6 +663,9 @@ class ChronoSystem:
         view = self.observers[i].view(
             i, self.banks[i].active_mask, cooling, alerts, self.pressure.get(i, 0.0), age=age
         )
+        lens = self.lenses.get(i)
+        if lens is not None:
+            view = replace(view, offset=lens.offset.detach().cpu().clone())
         shadow = self.shadows[i]
         if shadow is None or i not in self._jumps:
             return view
@@ -1017,6 +1020,10 @@ class ChronoSystem:
                                 surgery=self.surgery)
             self._live.pop(i, None)  # its weights changed: the refresh sketches them anew
             self.last_edit_step[i] = step
+            if edit.action in REMOVING_ACTIONS:  # no regrowth on readings taken before the removal
+                for kind in GROWING_ACTIONS:
+                    until = step + self.config.lifecycle.regrow_hold_steps
+                    self.barred[(i, kind)] = max(self.barred.get((i, kind), 0), until)
             rec = decision_record(d, step=step, run_id=self.run_id, trigger=trigger, slot_ids=slot_ids,
                                   readings=readings, record=record)
             assert rec is not None

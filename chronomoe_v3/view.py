@@ -35,6 +35,8 @@ class LayerView:
     history, not an inherited one. jumped [E] bool (optional): the expert's weights jumped away from its shadow
     copy (ops/shadow.py), restorable from it; drift [E] (optional): the estimated relative distance of its
     weights from that copy; shadow_step [E] (optional): the training step the copy was taken at (-1: none).
+    offset [E] (optional): the mid clock's selection offset on each slot (its lens; None without a mid clock):
+    a negative offset means chronomoe itself is moving tokens away from that expert.
     """
 
     layer_id: int
@@ -58,6 +60,7 @@ class LayerView:
     jumped: Tensor | None = None
     drift: Tensor | None = None
     shadow_step: Tensor | None = None
+    offset: Tensor | None = None
 
     @property
     def num_slots(self) -> int:
@@ -83,7 +86,7 @@ class LayerView:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (2, e):
                 raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected (2, {e})")
-        for name in ("evidence", "phi_fast", "degrading", "age", "jumped", "drift", "shadow_step"):
+        for name in ("evidence", "phi_fast", "degrading", "age", "jumped", "drift", "shadow_step", "offset"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (e,):
                 raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected ({e},)")
@@ -125,4 +128,5 @@ class LayerView:
             jumped=None if self.jumped is None else self.jumped.detach().cpu(),
             drift=None if self.drift is None else f(self.drift),
             shadow_step=None if self.shadow_step is None else self.shadow_step.detach().cpu().to(torch.int64),
+            offset=None if self.offset is None else f(self.offset),
         )

@@ -254,6 +254,32 @@ def test_a_damaged_expert_is_flagged_and_replaced() -> None:
     assert new is not None and new.origin == "replace" and new.parent_id is not None
 
 
+def test_a_layer_does_not_regrow_right_after_a_removal() -> None:
+    # Every expert is prunable under this config; once one is pruned its layer may neither split nor spawn for
+    # `regrow_hold_steps` training steps (the readings that would justify growth predate the removal).
+    layer, centres, targets = _regression_layer(1)
+    cfg = replace(CFG, objective=replace(CFG.objective, prune_coherence_floor=1.0, prune_max_share=1.0,
+                                         prune_min_absorbable=0.0, lambda_complexity=0.5),
+                  lifecycle=replace(CFG.lifecycle, audit_steps=1000, cooldown_steps=20, regrow_hold_steps=700))
+    system = ChronoSystem(layer, config=cfg, run_id="regrow")
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    system.attach_optimizer(opt)
+    pruned: list[int] = []
+
+    def stop_after_prune(step: int) -> None:
+        if any(r.action == "prune" for r in _edits(system)):
+            pruned.append(step)
+
+    for chunk in range(10):  # stop at the first chunk of 20 steps that saw a prune
+        _run(layer, system, opt, centres, targets, range(20 * chunk, 20 * chunk + 20), stop_after_prune)
+        if pruned:
+            break
+    (prune,) = [r for r in _edits(system) if r.action == "prune"]
+    for kind in ("split", "spawn"):
+        assert system.barred[(0, kind)] == prune.step + 700
+    assert (0, "prune") not in system.barred and (0, "merge") not in system.barred
+
+
 def test_an_edit_made_to_hurt_is_rolled_back() -> None:
     # A complexity weight so high that removing any expert looks like a gain, and a prune rule that calls every
     # expert decoherent, on a task where each expert serves a cluster of its own: the prune hurts, the audit

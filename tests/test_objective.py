@@ -155,6 +155,63 @@ def test_no_prune_without_evidence_traffic_room_or_a_balanced_layer() -> None:
     assert concentration(skewed, CFG) and "prune" not in _by_action(propose_edits(skewed, CFG))
 
 
+def _vestigial_e1(**overrides: object) -> LayerView:
+    # E1 is coherent (phi 0.5) but nearly unused: share 0.02 of 0.92, below 1/8 of its fair share 1/4; 80% of
+    # its traffic absorbable by E0.
+    coact = make_view().coactivation.clone()
+    coact[1, 0] = 0.08
+    fields: dict[str, object] = dict(share_slow=torch.tensor([0.3, 0.02, 0.3, 0.3, 0.0]), coactivation=coact)
+    fields.update(overrides)
+    return make_view(**fields)
+
+
+def test_a_vestigial_expert_is_pruned_unless_the_mid_clock_starves_it() -> None:
+    """A coherent expert the router leaves nearly empty (below 1/8 of its fair share) while the mid clock is not
+    moving tokens away from it is pruned, with the moved-traffic prediction; one the mid clock itself holds down
+    (negative lens offset, as after a collapse) is not, nor one that still carries a real share."""
+    view = _vestigial_e1(offset=torch.tensor([0.0, 0.3, 0.0, -0.3, 0.0]))
+    (prune,) = _by_action(propose_edits(view, CFG))["prune"]
+    assert prune.expert_id == 1 and "vestigial" in prune.reason and "lens offset +0.30" in prune.reason
+    w = 0.02 / 0.92
+    assert prune.delta.misfit == pytest.approx(w * (0.5 - 0.8 * 0.9))
+    assert prune.delta_F < -CFG.objective.min_improvement
+    # Without a mid clock (offset None) the router's verdict is all there is: pruned as well.
+    assert [c.expert_id for c in _by_action(propose_edits(_vestigial_e1(), CFG))["prune"]] == [1]
+    # The mid clock pushes tokens away from it: its emptiness is chronomoe's doing, not the router's.
+    held = _vestigial_e1(offset=torch.tensor([0.1, -0.5, 0.1, 0.3, 0.0]))
+    assert "prune" not in _by_action(propose_edits(held, CFG))
+    # Light (below half its fair share) but not vestigial, and coherent: kept.
+    light = _vestigial_e1(share_slow=torch.tensor([0.3, 0.08, 0.3, 0.3, 0.0]))
+    assert "prune" not in _by_action(propose_edits(light, CFG))
+    # Nothing to absorb its traffic, or a concentrated layer: kept.
+    lone = _vestigial_e1(coactivation=make_view().coactivation)
+    assert "prune" not in _by_action(propose_edits(lone, CFG))
+    assert "prune" not in _by_action(propose_edits(_vestigial_e1(alerts=("PRE_COLLAPSE",)), CFG))
+
+
+def test_of_several_prunable_experts_the_lowest_delta_f_is_proposed() -> None:
+    """E1 decoherent with little traffic and E3 vestigial. Both absorbable by E0: E1's traffic is served far
+    better by E0, so its removal has the lower delta_F and is proposed. When E1's traffic has nowhere to go,
+    it no longer blocks E3's removal (the old rule looked only at the least coherent expert)."""
+    def view(o10: float) -> LayerView:
+        # All five slots in play (slot 4 gets a role of its own), so that the layer is not concentrated.
+        coact = make_view().coactivation.clone()
+        coact[4, 4] = 0.3
+        coact[1, 0], coact[3, 0] = o10, 0.24
+        role = make_view().role.clone()
+        role[4] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+        return make_view(active=torch.ones(5, dtype=torch.bool), role=role, coactivation=coact,
+                         phi_slow=torch.tensor([0.9, -0.05, 0.8, 0.6, 0.7]),
+                         share_slow=torch.tensor([0.3, 0.06, 0.3, 0.02, 0.3]),
+                         observations=torch.full((5,), 100), evidence=torch.full((5,), 1e5))
+
+    assert not concentration(view(0.08), CFG)
+    (both,) = _by_action(propose_edits(view(0.08), CFG))["prune"]
+    assert both.expert_id == 1 and "persistently decoherent" in both.reason
+    (only_e3,) = _by_action(propose_edits(view(0.0), CFG))["prune"]
+    assert only_e3.expert_id == 3 and "vestigial" in only_e3.reason
+
+
 def test_young_experts_are_not_removed() -> None:
     """A removal rests on the expert's own history: younger than `min_age_to_remove` steps (a split child that
     inherited its parent's clocks, a spawn), it is neither pruned nor merged away; old enough, it is."""
@@ -294,6 +351,7 @@ def test_invariants_on_random_views(data: st.DataObject) -> None:
     share = torch.tensor(data.draw(st.lists(unit, min_size=e, max_size=e)))
     coact = torch.tensor(data.draw(st.lists(st.lists(unit, min_size=e, max_size=e), min_size=e, max_size=e)))
     degrading = torch.tensor(data.draw(bools))
+    offset = data.draw(st.one_of(st.none(), st.lists(st.floats(-1, 1), min_size=e, max_size=e)))
     view = LayerView(
         layer_id=0, active=active, cooling=cooling, phi_slow=phi, share_slow=share,
         role=torch.tensor(data.draw(st.lists(st.lists(st.floats(-1, 1), min_size=3, max_size=3), min_size=e,
@@ -306,6 +364,7 @@ def test_invariants_on_random_views(data: st.DataObject) -> None:
         degrading=degrading,
         centroid_phi=torch.tensor(data.draw(st.lists(st.lists(st.floats(-1, 1), min_size=e, max_size=e),
                                                      min_size=2, max_size=2))),
+        offset=None if offset is None else torch.tensor(offset),
     )
     lo = data.draw(st.integers(1, e))
     cfg = lifecycle_config(min_experts_per_layer=lo, max_experts_per_layer=data.draw(st.integers(lo, e + 1)))
@@ -324,8 +383,13 @@ def test_invariants_on_random_views(data: st.DataObject) -> None:
             assert not concentration(view, cfg)
         if c.action == "prune":
             total = float(torch.where(torch.isfinite(phi) & (active | cooling), share, 0.0).sum())
-            assert float(share[c.expert_id]) / max(total, 1e-12) < 0.5 * fair + 1e-9
+            w = float(share[c.expert_id]) / max(total, 1e-12)
+            assert w < 0.5 * fair + 1e-9
             assert not bool(degrading[c.expert_id])
+            # Decoherent, or vestigial without the mid clock pushing tokens away from it.
+            vestigial = w < cfg.objective.prune_vestigial_share * fair + 1e-9 and (
+                offset is None or offset[c.expert_id] >= 0)
+            assert float(phi[c.expert_id]) < cfg.objective.prune_coherence_floor or vestigial
         if c.action == "split":  # the misfit moves by at most what the children's predicted coherence
             phi_e = float(view.phi_slow[c.expert_id])  # differs from the parent's (a gain when both beat it)
             cp = [float(x) for x in view.centroid_phi[:, c.expert_id]]

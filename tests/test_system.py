@@ -122,6 +122,13 @@ def test_step_with_each_kind_of_controller(kind: str) -> None:
         assert result.control_decisions == ["seen 4"] and controller.calls == [1, 2, 3, 4]
     else:
         assert len(result.control_decisions) == 2
+    # The slow objective sees the mid clock's offsets (a prune must not take an expert the lens holds down).
+    for i in (0, 1):
+        offset = system.layer_view(i).offset
+        if kind == "none":
+            assert offset is None
+        else:
+            assert offset is not None and torch.equal(offset, system.lenses[i].offset.cpu())
 
 
 def test_detach_removes_hooks() -> None:

@@ -81,6 +81,8 @@ ACTIONS = ("prune", "merge", "split", "spawn", "replace")
 # What an emergency review may run before the regular review: capacity that adds (spawn, split) and the repair
 # of a degrading expert (replace); removals (prune, merge) wait for the slow clock.
 EARLY_ACTIONS = ("spawn", "split", "replace")
+REMOVING_ACTIONS = ("prune", "merge")  # edits that take an expert out of play
+GROWING_ACTIONS = ("spawn", "split")  # edits that bring one more expert into play
 CONCENTRATION_ALERTS = ("PRE_COLLAPSE", "COLLAPSE_CONFIRMED")
 _EPS = 1e-12
 
@@ -325,34 +327,53 @@ def _evidence(L: _Layer, e: int) -> str:
 
 
 def propose_prune(view: LayerView, config: ChronoConfig, layer: _Layer | None = None) -> list[EditCandidate]:
-    """PRUNE the worst judged expert, only when it is persistently decoherent (phi_slow below the floor), carries
-    little traffic (below `prune_max_share` of its fair share), its traffic is absorbable, and the layer is not
-    concentrated (starvation is not decoherence). A degrading expert is replaced, not pruned."""
+    """PRUNE a judged expert that carries little traffic (below `prune_max_share` of its fair share) and is
+    either persistently decoherent (phi_slow below the floor) or *vestigial*: below `prune_vestigial_share` of
+    its fair share while the mid clock is not moving tokens away from it (lens offset >= 0), so that its
+    emptiness is the router's own verdict. Its traffic must be absorbable and the layer not concentrated
+    (starvation is not decoherence). Of several such experts, the one with the lowest predicted delta_F is
+    proposed. A degrading expert is replaced, not pruned."""
     L = layer if layer is not None else _layer(view, config)
     v, params = L.view, config.objective
     if not L.can_remove or L.concentrated:
         return []
     phi, w = v.phi_slow, L.shares
-    light = w < params.prune_max_share / max(L.n_in_play, 1)
-    prunable = L.removable & ~L.degrading & (phi < params.prune_coherence_floor) & light
+    fair = 1.0 / max(L.n_in_play, 1)
+    light = w < params.prune_max_share * fair
+    decoherent = phi < params.prune_coherence_floor
+    not_pushed_away = v.offset >= 0 if v.offset is not None else torch.ones_like(light)
+    vestigial = (w < params.prune_vestigial_share * fair) & not_pushed_away
+    prunable = L.removable & ~L.degrading & light & (decoherent | vestigial)
     if not bool(prunable.any()):
         return []
-    e = int(torch.where(prunable, phi, float("inf")).argmin())
-    others = L.measured.clone()
-    others[e] = False
-    f = int(torch.where(others, L.overlap[e], -1.0).argmax())
-    a = float(L.overlap[e, f]) if bool(others[f]) else 0.0
-    phi_f = float(phi[f]) if bool(others[f]) else 0.0
-    if a < params.prune_min_absorbable:  # its tokens have nowhere to go: keep it
+    # Each candidate's best absorber: the measured expert the router finds most interchangeable with it.
+    others = L.measured.unsqueeze(0) & ~torch.eye(v.num_slots, dtype=torch.bool)
+    a_all, f_all = torch.where(others, L.overlap, -1.0).max(dim=1)
+    phi_f_all = torch.nan_to_num(phi, nan=0.0)[f_all]
+    ok = prunable & (a_all >= params.prune_min_absorbable)  # traffic with nowhere to go: keep the expert
+    if not bool(ok.any()):
         return []
+    phi0 = torch.nan_to_num(phi, nan=0.0)
+    stranded = phi0.clamp_max(0.0)
+    moved = w * (phi0 - (a_all * phi_f_all + (1.0 - a_all) * stranded))
+    total = (L.served * moved - params.lambda_complexity - params.rho_redundancy * L.redundancy.sum(dim=1)
+             - params.kappa_instability * L.excess)
+    e = int(torch.where(ok, total, float("inf")).argmin())
+    f, a, phi_f = int(f_all[e]), float(a_all[e]), float(phi_f_all[e])
     misfit = L.served * _moved_traffic_misfit(float(phi[e]), float(w[e]), a, phi_f)
     red, ins = L.removal(e)
+    if bool(decoherent[e]):
+        why = (f"persistently decoherent, phi_slow={float(phi[e]):.3f} < floor {params.prune_coherence_floor} "
+               f"over {_evidence(L, e)}, with little traffic (share {float(w[e]):.3f} < {params.prune_max_share} "
+               f"x fair 1/{L.n_in_play})")
+    else:
+        shift = f"lens offset {float(v.offset[e]):+.2f}" if v.offset is not None else "no mid clock"
+        why = (f"vestigial, share {float(w[e]):.4f} < {params.prune_vestigial_share} x fair 1/{L.n_in_play} "
+               f"while the mid clock does not push tokens away from it ({shift}); phi_slow={float(phi[e]):.3f} "
+               f"over {_evidence(L, e)}")
     return [EditCandidate(
         "prune", v.layer_id, e, L.f_before, FreeEnergy(misfit, -params.lambda_complexity, red, ins),
-        f"L{v.layer_id} E{e}: persistently decoherent, phi_slow={float(phi[e]):.3f} < floor "
-        f"{params.prune_coherence_floor} over {_evidence(L, e)}, with little traffic (share {float(w[e]):.3f} "
-        f"< {params.prune_max_share} x fair 1/{L.n_in_play}); {a:.0%} of its traffic absorbable by E{f} "
-        f"(phi_slow={phi_f:.3f})",
+        f"L{v.layer_id} E{e}: {why}; {a:.0%} of its traffic absorbable by E{f} (phi_slow={phi_f:.3f})",
     )]
 
 
