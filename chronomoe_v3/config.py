@@ -231,7 +231,7 @@ class MidClockConfig:
 
     gain: float = 1.0
     max_offset: float = 8.0
-    neff_fraction: float = 0.75
+    neff_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         _check_number("mid.gain", self.gain, 0.0)
