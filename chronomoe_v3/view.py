@@ -35,6 +35,8 @@ class LayerView:
     history, not an inherited one. jumped [E] bool (optional): the expert's weights jumped away from its shadow
     copy (ops/shadow.py), restorable from it; drift [E] (optional): the estimated relative distance of its
     weights from that copy; shadow_step [E] (optional): the training step the copy was taken at (-1: none).
+    identity [2, E] (optional): the debiased identity clocks (fast, slow): how closely each expert's mean output
+    keeps its own earlier direction (`CoherenceState.identity_clocks`).
     offset [E] (optional): the mid clock's selection offset on each slot (its lens; None without a mid clock):
     a negative offset means chronomoe itself is moving tokens away from that expert.
     """
@@ -61,6 +63,7 @@ class LayerView:
     drift: Tensor | None = None
     shadow_step: Tensor | None = None
     offset: Tensor | None = None
+    identity: Tensor | None = None
 
     @property
     def num_slots(self) -> int:
@@ -82,7 +85,7 @@ class LayerView:
             raise ValueError(f"LayerView.role has shape {tuple(self.role.shape)}; expected ({e}, H)")
         if tuple(self.coactivation.shape) != (e, e):
             raise ValueError(f"LayerView.coactivation has shape {tuple(self.coactivation.shape)}; expected ({e}, {e})")
-        for name in ("centroid_phi", "centroid_weights"):
+        for name in ("centroid_phi", "centroid_weights", "identity"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (2, e):
                 raise ValueError(f"LayerView.{name} has shape {tuple(t.shape)}; expected (2, {e})")
@@ -129,4 +132,5 @@ class LayerView:
             drift=None if self.drift is None else f(self.drift),
             shadow_step=None if self.shadow_step is None else self.shadow_step.detach().cpu().to(torch.int64),
             offset=None if self.offset is None else f(self.offset),
+            identity=None if self.identity is None else f(self.identity),
         )

@@ -352,6 +352,9 @@ def test_invariants_on_random_views(data: st.DataObject) -> None:
     coact = torch.tensor(data.draw(st.lists(st.lists(unit, min_size=e, max_size=e), min_size=e, max_size=e)))
     degrading = torch.tensor(data.draw(bools))
     offset = data.draw(st.one_of(st.none(), st.lists(st.floats(-1, 1), min_size=e, max_size=e)))
+    identity = data.draw(st.one_of(st.none(), st.lists(
+        st.lists(st.one_of(st.floats(-1, 1), st.just(NAN)), min_size=e, max_size=e), min_size=2, max_size=2)))
+    jumped = torch.tensor(data.draw(bools))
     view = LayerView(
         layer_id=0, active=active, cooling=cooling, phi_slow=phi, share_slow=share,
         role=torch.tensor(data.draw(st.lists(st.lists(st.floats(-1, 1), min_size=3, max_size=3), min_size=e,
@@ -365,6 +368,8 @@ def test_invariants_on_random_views(data: st.DataObject) -> None:
         centroid_phi=torch.tensor(data.draw(st.lists(st.lists(st.floats(-1, 1), min_size=e, max_size=e),
                                                      min_size=2, max_size=2))),
         offset=None if offset is None else torch.tensor(offset),
+        identity=None if identity is None else torch.tensor(identity),
+        jumped=jumped, drift=torch.rand(e), shadow_step=torch.zeros(e, dtype=torch.int64),
     )
     lo = data.draw(st.integers(1, e))
     cfg = lifecycle_config(min_experts_per_layer=lo, max_experts_per_layer=data.draw(st.integers(lo, e + 1)))
@@ -394,8 +399,17 @@ def test_invariants_on_random_views(data: st.DataObject) -> None:
             phi_e = float(view.phi_slow[c.expert_id])  # differs from the parent's (a gain when both beat it)
             cp = [float(x) for x in view.centroid_phi[:, c.expert_id]]
             assert min(0.0, phi_e - max(cp)) - 1e-9 <= c.delta.misfit <= max(0.0, phi_e - min(cp)) + 1e-9
-        if c.action == "replace":
-            assert bool(degrading[c.expert_id]) and not bool(degrading[c.partner_id])
+        if c.action == "replace" and c.partner_id == c.expert_id:  # a restore from its own copy
+            assert bool(jumped[c.expert_id])
+            # The identity discount can only make the restore look better than phi alone says, and never better
+            # than treating the expert's tokens as unserved now (coherence 0, or its phi when negative).
+            w = float(share[c.expert_id]) / max(float(torch.where(torch.isfinite(phi) & (active | cooling),
+                                                                  share, 0.0).sum()), 1e-12)
+            served, base = 1.0 - float(view.starvation), float(phi[c.expert_id])
+            phi_e = float(view.phi_fast[c.expert_id])
+            assert served * w * (min(phi_e, 0.0) - base) - 1e-6 <= c.delta.misfit <= served * w * (phi_e - base) + 1e-6
+        elif c.action == "replace":
+            assert bool(degrading[c.expert_id] | jumped[c.expert_id]) and not bool(degrading[c.partner_id])
         assert c.reason
 
 

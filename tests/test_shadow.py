@@ -178,6 +178,31 @@ def test_a_jumped_expert_is_restored_from_its_own_copy() -> None:
     assert not any(c.action == "replace" for c in propose_edits(thin, OBJ_CFG))
 
 
+def test_a_restore_counts_the_identity_lost_when_phi_hardly_moves() -> None:
+    # Measured on the damaged start (seed 1): weights replaced by noise, phi 0.54 against 0.58 before, but the
+    # expert's mean output turned away from its own direction (identity 0.69 against 0.94). The prediction
+    # discounts its fast phi by the identity kept, so the restore clears the bar; phi alone did not.
+    phi = dict(phi_fast=torch.tensor([0.9, 0.5, 0.8, 0.56, NAN]), phi_slow=torch.tensor([0.9, 0.5, 0.8, 0.58, NAN]))
+    (plain,) = [c for c in propose_edits(_jumped_view(**phi), OBJ_CFG) if c.action == "replace"]
+    assert plain.delta.misfit == pytest.approx(0.3 * (0.56 - 0.58))
+    assert plain.delta_F > -OBJ_CFG.objective.min_improvement
+    identity = torch.tensor([[0.98, 0.98, 0.98, 0.69, NAN], [0.97, 0.97, 0.97, 0.94, NAN]])
+    (rep,) = [c for c in propose_edits(_jumped_view(identity=identity, **phi), OBJ_CFG) if c.action == "replace"]
+    kept = 0.69 / 0.94
+    assert rep.delta.misfit == pytest.approx(0.3 * (0.56 * kept - 0.58))
+    assert rep.delta_F < -OBJ_CFG.objective.min_improvement and "identity kept 0.734" in rep.reason
+    # An identity that held (or rose) changes nothing; a negative phi is not made to look better.
+    held = identity.clone()
+    held[0, 3] = 0.99
+    (same,) = [c for c in propose_edits(_jumped_view(identity=held, **phi), OBJ_CFG) if c.action == "replace"]
+    assert same.delta.misfit == pytest.approx(plain.delta.misfit)
+    (neg,) = [c for c in propose_edits(_jumped_view(identity=identity), OBJ_CFG) if c.action == "replace"]
+    assert neg.delta.misfit == pytest.approx(0.3 * (0.1 * kept - 0.6))
+    neg_phi = _jumped_view(identity=identity, phi_fast=torch.tensor([0.9, 0.5, 0.8, -0.2, NAN]))
+    (n2,) = [c for c in propose_edits(neg_phi, OBJ_CFG) if c.action == "replace"]
+    assert n2.delta.misfit == pytest.approx(0.3 * (-0.2 - 0.6))
+
+
 def test_a_restore_runs_in_a_concentrated_layer() -> None:
     concentrated = _jumped_view(pressure=1.0)
     (rep,) = [c for c in propose_edits(concentrated, OBJ_CFG) if c.action == "replace"]

@@ -68,6 +68,7 @@ Selection under the cycle's rules is `select.py`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -461,9 +462,21 @@ def propose_spawn(view: LayerView, config: ChronoConfig, layer: _Layer | None = 
     )]
 
 
+def _identity_kept(v: LayerView, e: int) -> float:
+    """Fast over slow identity of expert e, clamped to [0, 1] (1 when the identity clocks are unknown)."""
+    if v.identity is None:
+        return 1.0
+    fast, slow = float(v.identity[0, e]), float(v.identity[1, e])
+    if not (math.isfinite(fast) and math.isfinite(slow)) or slow <= 0:
+        return 1.0
+    return min(max(fast / slow, 0.0), 1.0)
+
+
 def _propose_restore(L: _Layer) -> list[EditCandidate]:
     """REPLACE an expert whose weights jumped by its own shadow copy, taken before the jump: its tokens are
-    predicted to be served again at its pre-jump (slow) coherence instead of its fast one."""
+    predicted to be served again at its pre-jump (slow) coherence instead of what they get now, its fast
+    coherence discounted by how far its output turned away from its own earlier direction (fast over slow
+    identity): phi can hardly move while the expert serves something else (measured on the damaged start)."""
     v = L.view
     if v.jumped is None or v.phi_fast is None or v.shadow_step is None:
         return []
@@ -473,11 +486,14 @@ def _propose_restore(L: _Layer) -> list[EditCandidate]:
     drift = v.drift if v.drift is not None else torch.zeros(v.num_slots, dtype=torch.float64)
     e = int(torch.where(candidates, torch.nan_to_num(drift, nan=0.0), -1.0).argmax())
     phi_e, phi_base = float(v.phi_fast[e]), float(v.phi_slow[e])
-    misfit = L.served * float(L.shares[e]) * (phi_e - phi_base)
+    kept = _identity_kept(v, e)
+    phi_now = min(phi_e, phi_e * kept)  # a negative phi is not made to look better by the discount
+    misfit = L.served * float(L.shares[e]) * (phi_now - phi_base)
     return [EditCandidate(
         "replace", v.layer_id, e, L.f_before, FreeEnergy(misfit, 0.0, 0.0, 0.0),
         f"L{v.layer_id} E{e}: weights jumped (relative distance {float(drift[e]):.2f} from its copy of step "
-        f"{int(v.shadow_step[e])}; phi_fast={phi_e:.3f}, phi_slow={phi_base:.3f}) while carrying share "
+        f"{int(v.shadow_step[e])}; phi_fast={phi_e:.3f}, identity kept {kept:.3f}, phi_slow={phi_base:.3f}) "
+        f"while carrying share "
         f"{float(L.shares[e]):.3f}; restored from that copy, keeping its router row",
         partner_id=e,
     )]

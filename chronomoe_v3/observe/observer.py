@@ -278,6 +278,7 @@ class LayerObserver(nn.Module):
             evidence=self.evidence.detach().cpu(),
             phi_fast=coh.phi_fast.detach().cpu(),
             degrading=coh.degrading(active).detach().cpu(),
+            identity=coh.identity_clocks.detach().cpu(),
             alerts=tuple(alerts),
             pressure=pressure,
             age=age,
